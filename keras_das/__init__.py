@@ -1,0 +1,18 @@
+"""keras_das: differentiable neural architecture search (the DARTS family) for Keras 3."""
+
+from keras_das import ops
+from keras_das import relaxations
+from keras_das.genotype import DARTS_V1
+from keras_das.genotype import DARTS_V2
+from keras_das.genotype import GENOTYPES
+from keras_das.genotype import Genotype
+from keras_das.genotype import derive_genotype
+from keras_das.mixed_op import MixedOp
+from keras_das.ops import DARTS_OPS
+from keras_das.ops import register_op
+from keras_das.search_network import SearchCell
+from keras_das.search_network import SearchNetwork
+from keras_das.variables import arch_variables
+from keras_das.variables import weight_variables
+
+__version__ = "0.1.0"

@@ -1,0 +1,245 @@
+"""MixedOp: a weighted mix of candidate operations, the unit of differentiable search."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+
+from keras_das import ops as ops_lib
+from keras_das import relaxations
+from keras_das import variables
+
+
+@keras.saving.register_keras_serializable(package="keras_das")
+class MixedOp(layers.Layer):
+    """Continuous relaxation over candidate operations.
+
+    Computes ``sum_i w_i * adapter_i(op_i(x))`` where ``w = relax(alpha / T)``. Candidates
+    are registered op names (see ``keras_das.ops.OPS``), Keras layers, or both. When the
+    candidates' outputs differ in width, each narrower output goes through a learnable
+    1x1 projection (a channel adapter) to a common width, so every mix is defined.
+
+    A MixedOp used alone owns its architecture parameters (``alpha``, made in ``build``).
+    Many MixedOps can share one alpha instead: built with ``owns_alpha=False``, they are
+    called with the ``mixing_weights`` their owner computed (the DARTS cells do this).
+
+    Args:
+        candidates: op names and/or Keras layers, at least two.
+        relaxation: ``softmax``, ``sigmoid``, ``gumbel``, ``gumbel_hard`` or ``gate`` (two
+            candidates, one parameter); see ``keras_das.relaxations``.
+        temperature: divides alpha before the relaxation. Held in a non-trainable variable
+            that schedules may assign without retracing.
+        channels: the width the named ops produce and the adapters project to. Default:
+            the input width for named ops, the widest candidate for the adapters.
+        strides: the stride of the named ops (1 or 2).
+        affine: whether the named ops' batch norms learn scale and offset (DARTS search: no).
+        pool_batch_norm: follow named pooling ops with a batch norm, as the DARTS search
+            network does.
+        owns_alpha: create ``alpha`` here, or expect ``mixing_weights`` at call time.
+        alpha_initializer: initializer of ``alpha``; default ``1e-3 * N(0, 1)`` as in DARTS.
+        seed: seeds alpha's initializer and the Gumbel noise.
+
+    Example:
+        >>> gate = MixedOp(["max_pool_3x3", "avg_pool_3x3"], relaxation="gate")
+        >>> mix = MixedOp([layers.Conv2D(16, 3, padding="same"),
+        ...                layers.Conv2D(32, 5, padding="same")])   # adapters to 32
+    """
+
+    def __init__(
+        self,
+        candidates,
+        relaxation="softmax",
+        temperature=1.0,
+        channels=None,
+        strides=1,
+        affine=False,
+        pool_batch_norm=True,
+        owns_alpha=True,
+        alpha_initializer=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        candidates = list(candidates)
+        if len(candidates) < 2:
+            raise ValueError(f"MixedOp needs at least 2 candidates, got {len(candidates)}")
+        for candidate in candidates:
+            if isinstance(candidate, str):
+                ops_lib.check_op_names([candidate])
+            elif not isinstance(candidate, layers.Layer):
+                raise TypeError(
+                    f"A candidate must be an op name or a keras Layer, got {candidate!r}"
+                )
+        relaxations.check_relaxation(relaxation, len(candidates))
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        if strides not in (1, 2):
+            raise ValueError(f"strides must be 1 or 2, got {strides!r}")
+        self.candidates = candidates
+        self.relaxation = relaxation
+        self.initial_temperature = relaxations.check_temperature(temperature)
+        self.channels = channels
+        self.strides = strides
+        self.affine = affine
+        self.pool_batch_norm = pool_batch_norm
+        self.owns_alpha = owns_alpha
+        self.alpha_initializer = keras.initializers.get(alpha_initializer)
+        self.seed = seed
+        self.candidate_names = tuple(
+            c if isinstance(c, str) else c.name for c in candidates
+        )
+        self.seed_generator = (
+            keras.random.SeedGenerator(seed)
+            if owns_alpha and relaxation.startswith("gumbel")
+            else None
+        )
+        self.alpha = None
+        self.temperature = None
+
+    # -- construction -------------------------------------------------------------------
+
+    def _named_op(self, name, width):
+        op = ops_lib.make_op(name, width, self.strides, self.affine)
+        if self.pool_batch_norm and isinstance(op, ops_lib.Pool):
+            op = ops_lib.PoolBN(op.pool_type, strides=self.strides)
+        return op
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        width = self.channels or input_shape[-1]
+        ops = [None] * len(self.candidates)
+        shapes = [None] * len(self.candidates)
+        for i, candidate in enumerate(self.candidates):
+            if candidate == "none":
+                continue  # sized once the common width is known
+            op = self._named_op(candidate, width) if isinstance(candidate, str) else candidate
+            if not op.built:
+                op.build(input_shape)
+            ops[i] = op
+            shapes[i] = tuple(op.compute_output_shape(input_shape))
+        known = [(n, s) for n, s in zip(self.candidate_names, shapes) if s is not None]
+        spatial = {s[1:-1] for _, s in known}
+        if len(spatial) > 1:
+            detail = ", ".join(f"{n}: {s}" for n, s in known)
+            raise ValueError(
+                f"MixedOp {self.name!r}: candidates disagree on spatial shape ({detail}); "
+                "channel adapters fix widths only"
+            )
+        self.output_channels = self.channels or max(s[-1] for _, s in known)
+        self.adapters = []
+        for i, candidate in enumerate(self.candidates):
+            if ops[i] is None:
+                ops[i] = ops_lib.Zero(self.output_channels, strides=self.strides)
+                shapes[i] = tuple(ops[i].compute_output_shape(input_shape))
+                ops[i].build(input_shape)
+            adapter = None
+            if shapes[i][-1] != self.output_channels:
+                adapter = _channel_adapter(self.output_channels, len(shapes[i]))
+                adapter.build(shapes[i])
+            self.adapters.append(adapter)
+        self.ops = ops
+        self._output_shape = shapes[0][:-1] + (self.output_channels,)
+        if self.owns_alpha:
+            size = relaxations.alpha_size(self.relaxation, len(self.candidates))
+            initializer = self.alpha_initializer
+            if initializer is None:
+                initializer = keras.initializers.RandomNormal(
+                    stddev=variables.ALPHA_STDDEV, seed=self.seed
+                )
+            self.alpha = variables.add_arch_weight(self, "alpha", (size,), initializer)
+            self.temperature = self.add_weight(
+                name="temperature",
+                shape=(),
+                initializer=keras.initializers.Constant(self.initial_temperature),
+                trainable=False,
+            )
+
+    def compute_output_shape(self, input_shape):
+        return self._output_shape
+
+    # -- forward --------------------------------------------------------------------------
+
+    def compute_mixing_weights(self, training=False):
+        """Mixing weights from this op's own alpha (a tensor of shape ``[n]``)."""
+        if not self.owns_alpha:
+            raise ValueError(
+                f"MixedOp {self.name!r} shares its owner's alpha (owns_alpha=False); "
+                "its owner computes the mixing weights"
+            )
+        self._check_built()
+        return relaxations.mixing_weights(
+            self.alpha, self.relaxation, self.temperature, training, self.seed_generator
+        )
+
+    def call(self, inputs, mixing_weights=None, training=None):
+        if mixing_weights is None:
+            mixing_weights = self.compute_mixing_weights(bool(training))
+        mixing_weights = keras.ops.cast(mixing_weights, self.compute_dtype)
+        out = None
+        for i, (op, adapter) in enumerate(zip(self.ops, self.adapters)):
+            if getattr(op, "is_zero", False):
+                continue  # contributes w * 0
+            y = op(inputs, training=training)
+            if adapter is not None:
+                y = adapter(y)
+            term = mixing_weights[..., i] * y
+            out = term if out is None else out + term
+        if out is None:
+            out = self.ops[0](inputs)
+        return out
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _check_built(self):
+        if not self.built:
+            raise ValueError(f"MixedOp {self.name!r} has not been built yet; call it on an input")
+
+    def get_mixing_weights(self, mixing_weights=None) -> np.ndarray:
+        """Current (noise-free) mixing weights as a numpy array ``[n]``."""
+        if mixing_weights is None:
+            mixing_weights = self.compute_mixing_weights(training=False)
+        return keras.ops.convert_to_numpy(mixing_weights)
+
+    def chosen_index(self, mixing_weights=None) -> int:
+        """Index of the strongest candidate, ``none`` excluded as in DARTS."""
+        weights = np.array(self.get_mixing_weights(mixing_weights), dtype=np.float64)
+        weights[[n == "none" for n in self.candidate_names]] = -np.inf
+        return int(np.argmax(weights))
+
+    def chosen_name(self, mixing_weights=None) -> str:
+        return self.candidate_names[self.chosen_index(mixing_weights)]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "candidates": [
+                c if isinstance(c, str) else keras.layers.serialize(c) for c in self.candidates
+            ],
+            "relaxation": self.relaxation,
+            "temperature": self.initial_temperature,
+            "channels": self.channels,
+            "strides": self.strides,
+            "affine": self.affine,
+            "pool_batch_norm": self.pool_batch_norm,
+            "owns_alpha": self.owns_alpha,
+            "alpha_initializer": keras.initializers.serialize(self.alpha_initializer)
+            if self.alpha_initializer is not None
+            else None,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["candidates"] = [
+            c if isinstance(c, str) else keras.layers.deserialize(c) for c in config["candidates"]
+        ]
+        return cls(**config)
+
+
+def _channel_adapter(width: int, rank: int) -> layers.Layer:
+    """A learnable 1x1 projection to ``width`` channels (Dense on the last axis off images)."""
+    if rank == 4:
+        return layers.Conv2D(width, 1, use_bias=False, name=None)
+    return layers.Dense(width, use_bias=False)

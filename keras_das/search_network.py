@@ -1,0 +1,282 @@
+"""The DARTS search space: a cell of MixedOps over a DAG, and the supernet of such cells."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+from keras import layers
+
+from keras_das import genotype as genotype_lib
+from keras_das import ops as ops_lib
+from keras_das import relaxations
+from keras_das import variables
+from keras_das.mixed_op import MixedOp
+
+
+def num_edges(steps: int) -> int:
+    """Edges of a cell with ``steps`` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
+    return sum(2 + i for i in range(steps))
+
+
+def reduction_layers(num_cells: int) -> tuple[int, ...]:
+    """Cells that halve the resolution: at 1/3 and 2/3 of the depth, as in DARTS."""
+    return tuple(sorted({num_cells // 3, 2 * num_cells // 3}))
+
+
+def preprocess(channels: int, reduction_prev: bool, affine: bool) -> layers.Layer:
+    """How a cell reads the output of the cell two back and of the cell before."""
+    if reduction_prev:
+        return ops_lib.FactorizedReduce(channels, affine=affine)
+    return ops_lib.ReLUConvBN(channels, 1, affine=affine)
+
+
+@keras.saving.register_keras_serializable(package="keras_das")
+class SearchCell(layers.Layer):
+    """A DARTS search cell: 2 inputs, ``steps`` nodes, a MixedOp on every edge.
+
+    Node ``i`` sums a MixedOp over every earlier node (the two inputs included); the cell
+    outputs the concatenation of its last ``multiplier`` nodes. In a reduction cell the
+    edges from the inputs have stride 2. The MixedOps share the mixing weights the network
+    passes in (``[num_edges, num_ops]``).
+
+    Call with ``cell([s0, s1], mixing_weights)``.
+    """
+
+    def __init__(
+        self,
+        channels,
+        reduction=False,
+        reduction_prev=False,
+        op_names=ops_lib.DARTS_OPS,
+        steps=4,
+        multiplier=4,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.reduction = reduction
+        self.reduction_prev = reduction_prev
+        self.op_names = ops_lib.check_op_names(op_names)
+        self.steps = steps
+        self.multiplier = multiplier
+        self.preprocess0 = preprocess(channels, reduction_prev, affine=False)
+        self.preprocess1 = preprocess(channels, False, affine=False)
+        self.edges = []
+        for node in range(steps):
+            for j in range(2 + node):
+                strides = 2 if reduction and j < 2 else 1
+                self.edges.append(
+                    MixedOp(
+                        self.op_names,
+                        channels=channels,
+                        strides=strides,
+                        affine=False,
+                        owns_alpha=False,
+                        name=f"edge_{node}_{j}",
+                    )
+                )
+
+    def build(self, input_shape):
+        s0_shape, s1_shape = (tuple(s) for s in input_shape)
+        self.preprocess0.build(s0_shape)
+        self.preprocess1.build(s1_shape)
+        state = tuple(self.preprocess1.compute_output_shape(s1_shape))
+        node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
+        edge = 0
+        for node in range(self.steps):
+            for j in range(2 + node):
+                self.edges[edge].build(state if j < 2 else node_shape)
+                edge += 1
+        self._output_shape = node_shape[:-1] + (
+            self.multiplier * self.channels,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return self._output_shape
+
+    def call(self, inputs, mixing_weights, training=None):
+        s0, s1 = inputs
+        states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
+        edge = 0
+        for _ in range(self.steps):
+            total = None
+            for j, h in enumerate(states):
+                out = self.edges[edge](h, mixing_weights=mixing_weights[edge], training=training)
+                total = out if total is None else total + out
+                edge += 1
+            states.append(total)
+        return keras.ops.concatenate(states[-self.multiplier :], axis=-1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "reduction": self.reduction,
+            "reduction_prev": self.reduction_prev,
+            "op_names": list(self.op_names),
+            "steps": self.steps,
+            "multiplier": self.multiplier,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_das")
+class SearchNetwork(keras.Model):
+    """The DARTS supernet: stem, search cells, global pool, classifier.
+
+    All normal cells share ``alpha_normal`` and all reduction cells ``alpha_reduce``
+    (``[num_edges, num_ops]`` each, initialised ``1e-3 * N(0, 1)``).
+
+    Args:
+        num_classes: classifier outputs (logits).
+        channels: initial channels C; reduction cells double it.
+        num_cells: number of cells; reduction cells sit at 1/3 and 2/3 of the depth.
+        steps: intermediate nodes per cell.
+        multiplier: nodes concatenated into a cell's output.
+        stem_multiplier: the stem outputs ``stem_multiplier * channels``.
+        op_names: the candidate ops on every edge.
+        relaxation: see ``keras_das.relaxations``.
+        temperature: initial temperature of the relaxation.
+        seed: seeds the alphas and the Gumbel noise.
+    """
+
+    def __init__(
+        self,
+        num_classes=10,
+        channels=16,
+        num_cells=8,
+        steps=4,
+        multiplier=4,
+        stem_multiplier=3,
+        op_names=ops_lib.DARTS_OPS,
+        relaxation="softmax",
+        temperature=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for field, value in (
+            ("num_classes", num_classes),
+            ("channels", channels),
+            ("num_cells", num_cells),
+            ("steps", steps),
+            ("multiplier", multiplier),
+            ("stem_multiplier", stem_multiplier),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if multiplier > steps:
+            raise ValueError(f"multiplier={multiplier} exceeds the {steps} nodes of a cell")
+        self.num_classes = num_classes
+        self.channels = channels
+        self.num_cells = num_cells
+        self.steps = steps
+        self.multiplier = multiplier
+        self.stem_multiplier = stem_multiplier
+        self.op_names = ops_lib.check_op_names(op_names)
+        self.relaxation = relaxations.check_relaxation(relaxation, len(self.op_names))
+        self.initial_temperature = relaxations.check_temperature(temperature)
+        self.seed = seed
+        self.seed_generator = (
+            keras.random.SeedGenerator(seed) if relaxation.startswith("gumbel") else None
+        )
+
+        self.stem = [
+            layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
+            ops_lib.batch_norm(affine=True),
+        ]
+        self.cells = []
+        c_curr = channels
+        reduction_prev = False
+        for i in range(num_cells):
+            reduction = i in reduction_layers(num_cells)
+            if reduction:
+                c_curr *= 2
+            self.cells.append(
+                SearchCell(
+                    c_curr, reduction, reduction_prev, self.op_names, steps, multiplier,
+                    name=f"cell_{i}",
+                )
+            )
+            reduction_prev = reduction
+        self.global_pool = layers.GlobalAveragePooling2D()
+        self.classifier = layers.Dense(num_classes)
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.stem:
+            layer.build(shape)
+            shape = tuple(layer.compute_output_shape(shape))
+        s0 = s1 = shape
+        for cell in self.cells:
+            cell.build((s0, s1))
+            s0, s1 = s1, cell.compute_output_shape((s0, s1))
+        self.global_pool.build(s1)
+        self.classifier.build((s1[0], s1[-1]))
+        size = relaxations.alpha_size(self.relaxation, len(self.op_names))
+        edges = num_edges(self.steps)
+        seed = self.seed
+        self.alpha_normal = variables.add_arch_weight(self, "alpha_normal", (edges, size), seed=seed)
+        self.alpha_reduce = variables.add_arch_weight(
+            self, "alpha_reduce", (edges, size), seed=None if seed is None else seed + 1
+        )
+        self.temperature = self.add_weight(
+            name="temperature",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_temperature),
+            trainable=False,
+        )
+
+    def compute_mixing_weights(self, training=False):
+        """``(normal, reduce)`` mixing weights, ``[num_edges, num_ops]`` each."""
+        return tuple(
+            relaxations.mixing_weights(
+                alpha, self.relaxation, self.temperature, training, self.seed_generator
+            )
+            for alpha in (self.alpha_normal, self.alpha_reduce)
+        )
+
+    def call(self, inputs, training=None):
+        weights_normal, weights_reduce = self.compute_mixing_weights(bool(training))
+        x = inputs
+        for layer in self.stem:
+            x = layer(x, training=training)
+        s0 = s1 = x
+        for cell in self.cells:
+            weights = weights_reduce if cell.reduction else weights_normal
+            s0, s1 = s1, cell([s0, s1], mixing_weights=weights, training=training)
+        return self.classifier(self.global_pool(s1))
+
+    def get_mixing_weights(self) -> dict[str, np.ndarray]:
+        """The current noise-free mixing weights, ``{"normal": ..., "reduce": ...}``."""
+        normal, reduce = self.compute_mixing_weights(training=False)
+        return {"normal": keras.ops.convert_to_numpy(normal), "reduce": keras.ops.convert_to_numpy(reduce)}
+
+    def genotype(self, k: int = 2) -> genotype_lib.Genotype:
+        """The architecture the current alphas choose, by the DARTS rule."""
+        weights = self.get_mixing_weights()
+        return genotype_lib.derive_genotype(
+            weights["normal"], weights["reduce"], self.op_names, self.steps, k,
+            concat=range(2 + self.steps - self.multiplier, 2 + self.steps),
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "num_cells": self.num_cells,
+            "steps": self.steps,
+            "multiplier": self.multiplier,
+            "stem_multiplier": self.stem_multiplier,
+            "op_names": list(self.op_names),
+            "relaxation": self.relaxation,
+            "temperature": self.initial_temperature,
+            "seed": self.seed,
+        }
+
+
+def edge_names(steps: int) -> Sequence[str]:
+    """``"j->i"`` labels of a cell's edges, in the order of the alpha rows."""
+    return [f"{j}->{2 + node}" for node in range(steps) for j in range(2 + node)]

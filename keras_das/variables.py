@@ -1,0 +1,51 @@
+"""Architecture parameters versus network weights.
+
+Layers that own architecture parameters (alphas) create them with ``add_arch_weight``,
+which tags the variable. ``arch_variables`` and ``weight_variables`` then split the
+trainable variables of any Keras model, whatever the depth at which MixedOps sit.
+"""
+
+from __future__ import annotations
+
+import keras
+
+_ARCH_TAG = "_keras_das_arch"
+
+# DARTS initialises alphas as 1e-3 * N(0, 1).
+ALPHA_STDDEV = 1e-3
+
+
+def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=None, seed=None):
+    """Creates a trainable architecture parameter on ``layer`` (call it from ``build``)."""
+    if initializer is None:
+        initializer = keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed)
+    variable = layer.add_weight(
+        name=name, shape=shape, initializer=initializer, trainable=True, dtype="float32"
+    )
+    setattr(variable, _ARCH_TAG, True)
+    return variable
+
+
+def is_arch_variable(variable) -> bool:
+    return getattr(variable, _ARCH_TAG, False)
+
+
+def arch_variables(model: keras.layers.Layer) -> list:
+    """The architecture parameters (alphas) of ``model``, in a stable order."""
+    return [v for v in model.trainable_variables if is_arch_variable(v)]
+
+
+def weight_variables(model: keras.layers.Layer) -> list:
+    """The trainable network weights of ``model``: everything trainable but the alphas."""
+    return [v for v in model.trainable_variables if not is_arch_variable(v)]
+
+
+def count_weights(variables) -> int:
+    """Number of scalars in ``variables``."""
+    total = 0
+    for v in variables:
+        size = 1
+        for dim in v.shape:
+            size *= int(dim)
+        total += size
+    return total
