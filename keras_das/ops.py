@@ -397,8 +397,9 @@ def _skip_connect(channels, strides, affine):
 
 OPS: dict[str, OpFactory] = {
     "none": lambda c, s, affine: Zero(c, strides=s),
-    "max_pool_3x3": lambda c, s, affine: PoolBN("max", strides=s, affine=False),
-    "avg_pool_3x3": lambda c, s, affine: PoolBN("avg", strides=s, affine=False),
+    # Plain pools, as in the reference; the search network's MixedOps add a batch norm.
+    "max_pool_3x3": lambda c, s, affine: Pool("max", 3, strides=s),
+    "avg_pool_3x3": lambda c, s, affine: Pool("avg", 3, strides=s),
     "skip_connect": _skip_connect,
     "sep_conv_3x3": lambda c, s, affine: SepConv(c, 3, strides=s, affine=affine),
     "sep_conv_5x5": lambda c, s, affine: SepConv(c, 5, strides=s, affine=affine),
