@@ -1,7 +1,9 @@
 """keras_das: differentiable neural architecture search (the DARTS family) for Keras 3."""
 
 from keras_das import ops
+from keras_das import plot
 from keras_das import relaxations
+from keras_das.discrete_network import DiscreteNetwork
 from keras_das.genotype import DARTS_V1
 from keras_das.genotype import DARTS_V2
 from keras_das.genotype import GENOTYPES

@@ -46,8 +46,15 @@ class Cell(layers.Layer):
     """
 
     def __init__(
-        self, gene, concat, channels, reduction=False, reduction_prev=False,
-        inputs_per_node=2, seed=None, **kwargs,
+        self,
+        gene,
+        concat,
+        channels,
+        reduction=False,
+        reduction_prev=False,
+        inputs_per_node=2,
+        seed=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.gene = tuple((op, int(index)) for op, index in gene)
@@ -127,7 +134,11 @@ class AuxiliaryHead(layers.Layer):
         self.classifier = layers.Dense(num_classes)
 
     def build(self, input_shape):
-        size = (input_shape[1] - 5) // 3 + 1 if input_shape[1] is not None and input_shape[1] >= 5 else 1
+        size = (
+            (input_shape[1] - 5) // 3 + 1
+            if input_shape[1] is not None and input_shape[1] >= 5
+            else 1
+        )
         kernel = max(1, min(2, size))
         self.conv2 = layers.Conv2D(768, kernel, use_bias=False)
         pooled = (input_shape[0], size, size, input_shape[-1])
@@ -176,8 +187,16 @@ class DiscreteNetwork(keras.Model):
     """
 
     def __init__(
-        self, genotype, num_classes=10, channels=36, num_cells=20, auxiliary=False,
-        auxiliary_weight=0.4, stem_multiplier=3, seed=None, **kwargs,
+        self,
+        genotype,
+        num_classes=10,
+        channels=36,
+        num_cells=20,
+        auxiliary=False,
+        auxiliary_weight=0.4,
+        stem_multiplier=3,
+        seed=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(genotype, str):
@@ -213,8 +232,14 @@ class DiscreteNetwork(keras.Model):
             )
             self.cells.append(
                 Cell(
-                    gene, concat, c_curr, reduction, reduction_prev, genotype.inputs_per_node,
-                    seed=None if seed is None else seed + i, name=f"cell_{i}",
+                    gene,
+                    concat,
+                    c_curr,
+                    reduction,
+                    reduction_prev,
+                    genotype.inputs_per_node,
+                    seed=None if seed is None else seed + i,
+                    name=f"cell_{i}",
                 )
             )
             reduction_prev = reduction

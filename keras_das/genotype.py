@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class Genotype:
     def op_names(self) -> set[str]:
         return {op for op, _ in self.normal + self.reduce}
 
-    def validate_ops(self, valid: Sequence[str] | None = None) -> "Genotype":
+    def validate_ops(self, valid: Sequence[str] | None = None) -> Genotype:
         """Raises if the genotype names an op outside ``valid`` (default: the registry)."""
         valid = tuple(ops_lib.OPS if valid is None else valid)
         for cell in ("normal", "reduce"):
@@ -102,7 +102,7 @@ class Genotype:
         }
 
     @classmethod
-    def from_dict(cls, data) -> "Genotype":
+    def from_dict(cls, data) -> Genotype:
         if not isinstance(data, dict):
             raise ValueError(f"A genotype is a JSON object, got {type(data).__name__}")
         required = ("normal", "normal_concat", "reduce", "reduce_concat")
@@ -119,7 +119,7 @@ class Genotype:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -131,7 +131,7 @@ class Genotype:
         io_utils.atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str) -> "Genotype":
+    def load(cls, path: str) -> Genotype:
         try:
             with open(path) as f:
                 text = f.read()
@@ -147,7 +147,9 @@ def _as_gene(field, value) -> Gene:
     try:
         gene = tuple((op, index) for op, index in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"Genotype.{field} must be a list of [op, input] pairs, got {value!r}") from e
+        raise ValueError(
+            f"Genotype.{field} must be a list of [op, input] pairs, got {value!r}"
+        ) from e
     for op, index in gene:
         if not isinstance(op, str) or isinstance(index, bool) or not isinstance(index, int):
             raise ValueError(
@@ -207,7 +209,11 @@ def derive_edges(
 
 
 def derive_genotype(
-    normal_weights, reduce_weights, op_names: Sequence[str], steps: int = 4, k: int = 2,
+    normal_weights,
+    reduce_weights,
+    op_names: Sequence[str],
+    steps: int = 4,
+    k: int = 2,
     concat: Sequence[int] | None = None,
 ) -> Genotype:
     """The DARTS genotype for a pair of mixing-weight matrices ``[edges, ops]``."""
@@ -223,26 +229,50 @@ def derive_genotype(
 
 DARTS_V1 = Genotype(
     normal=[
-        ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
-        ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0),
+        ("skip_connect", 0),
+        ("sep_conv_3x3", 1),
+        ("skip_connect", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0),
+        ("skip_connect", 2),
     ],
     normal_concat=[2, 3, 4, 5],
     reduce=[
-        ("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
-        ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0),
+        ("max_pool_3x3", 0),
+        ("max_pool_3x3", 1),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 0),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 2),
+        ("skip_connect", 2),
+        ("avg_pool_3x3", 0),
     ],
     reduce_concat=[2, 3, 4, 5],
 )
 
 DARTS_V2 = Genotype(
     normal=[
-        ("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
-        ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2),
+        ("sep_conv_3x3", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 1),
+        ("skip_connect", 0),
+        ("skip_connect", 0),
+        ("dil_conv_3x3", 2),
     ],
     normal_concat=[2, 3, 4, 5],
     reduce=[
-        ("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
-        ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1),
+        ("max_pool_3x3", 0),
+        ("max_pool_3x3", 1),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 1),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 2),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 1),
     ],
     reduce_concat=[2, 3, 4, 5],
 )

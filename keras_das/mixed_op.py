@@ -86,9 +86,7 @@ class MixedOp(layers.Layer):
         self.owns_alpha = owns_alpha
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         self.seed = seed
-        self.candidate_names = tuple(
-            c if isinstance(c, str) else c.name for c in candidates
-        )
+        self.candidate_names = tuple(c if isinstance(c, str) else c.name for c in candidates)
         self.seed_generator = (
             keras.random.SeedGenerator(seed)
             if owns_alpha and relaxation.startswith("gumbel")
@@ -128,7 +126,7 @@ class MixedOp(layers.Layer):
             )
         self.output_channels = self.channels or max(s[-1] for _, s in known)
         self.adapters = []
-        for i, candidate in enumerate(self.candidates):
+        for i in range(len(self.candidates)):
             if ops[i] is None:
                 ops[i] = ops_lib.Zero(self.output_channels, strides=self.strides)
                 shapes[i] = tuple(ops[i].compute_output_shape(input_shape))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,21 +37,43 @@ def _draw_cell(ax, gene, concat, inputs_per_node: int, title: str) -> None:
         target = 2 + position // inputs_per_node
         (x0, y0), (x1, y1) = pos[index], pos[target]
         color = "tab:blue" if "conv" in op else "tab:red"
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color=color, shrinkA=14, shrinkB=14))
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops=dict(arrowstyle="->", color=color, shrinkA=14, shrinkB=14),
+        )
         # Labels sit at different points along their edges so that crossing edges stay legible.
         t = 0.35 + 0.3 * (position % inputs_per_node) / max(1, inputs_per_node - 1)
-        ax.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), op, fontsize=7, ha="center",
-                va="center", color=color,
-                bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"))
+        ax.text(
+            x0 + t * (x1 - x0),
+            y0 + t * (y1 - y0),
+            op,
+            fontsize=7,
+            ha="center",
+            va="center",
+            color=color,
+            bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"),
+        )
     for index in concat:
         (x0, y0), (x1, y1) = pos[index], pos["out"]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color="0.75", shrinkA=14, shrinkB=14))
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops=dict(arrowstyle="->", color="0.75", shrinkA=14, shrinkB=14),
+        )
     for key, (x, y) in pos.items():
         color = "lightgreen" if key in (0, 1) else "lightyellow" if key == "out" else "lightblue"
-        ax.text(x, y, labels[key], ha="center", va="center", fontsize=8,
-                bbox=dict(boxstyle="round", facecolor=color, edgecolor="0.3"))
+        ax.text(
+            x,
+            y,
+            labels[key],
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox=dict(boxstyle="round", facecolor=color, edgecolor="0.3"),
+        )
     ax.set_title(title)
     ax.set_xlim(-0.5, steps + 1.5)
     ax.set_ylim(-0.05, 1.05)
@@ -65,10 +87,12 @@ def plot_genotype(genotype: Genotype, path: str, title: str | None = None) -> No
     """
     plt = _pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(2.2 * (genotype.steps + 2), 7))
-    _draw_cell(axes[0], genotype.normal, genotype.normal_concat, genotype.inputs_per_node,
-               "normal cell")
-    _draw_cell(axes[1], genotype.reduce, genotype.reduce_concat, genotype.inputs_per_node,
-               "reduction cell")
+    _draw_cell(
+        axes[0], genotype.normal, genotype.normal_concat, genotype.inputs_per_node, "normal cell"
+    )
+    _draw_cell(
+        axes[1], genotype.reduce, genotype.reduce_concat, genotype.inputs_per_node, "reduction cell"
+    )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -78,8 +102,11 @@ def plot_genotype(genotype: Genotype, path: str, title: str | None = None) -> No
 
 
 def plot_weight_history(
-    history: Sequence[np.ndarray], op_names: Sequence[str], path: str,
-    edge_labels: Sequence[str] | None = None, title: str | None = None,
+    history: Sequence[np.ndarray],
+    op_names: Sequence[str],
+    path: str,
+    edge_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> None:
     """One small plot per edge of how each op's mixing weight moved over epochs.
 
@@ -94,8 +121,9 @@ def plot_weight_history(
     epochs, edges, _ = weights.shape
     cols = min(edges, 5)
     rows = -(-edges // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.2 * rows), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.0 * cols, 2.2 * rows), squeeze=False, sharex=True, sharey=True
+    )
     x = np.arange(epochs)
     for e in range(rows * cols):
         ax = axes[e // cols][e % cols]

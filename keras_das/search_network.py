@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -89,9 +89,7 @@ class SearchCell(layers.Layer):
             for j in range(2 + node):
                 self.edges[edge].build(state if j < 2 else node_shape)
                 edge += 1
-        self._output_shape = node_shape[:-1] + (
-            self.multiplier * self.channels,
-        )
+        self._output_shape = node_shape[:-1] + (self.multiplier * self.channels,)
 
     def compute_output_shape(self, input_shape):
         return self._output_shape
@@ -102,7 +100,7 @@ class SearchCell(layers.Layer):
         edge = 0
         for _ in range(self.steps):
             total = None
-            for j, h in enumerate(states):
+            for h in states:
                 out = self.edges[edge](h, mixing_weights=mixing_weights[edge], training=training)
                 total = out if total is None else total + out
                 edge += 1
@@ -195,7 +193,12 @@ class SearchNetwork(keras.Model):
                 c_curr *= 2
             self.cells.append(
                 SearchCell(
-                    c_curr, reduction, reduction_prev, self.op_names, steps, multiplier,
+                    c_curr,
+                    reduction,
+                    reduction_prev,
+                    self.op_names,
+                    steps,
+                    multiplier,
                     name=f"cell_{i}",
                 )
             )
@@ -217,7 +220,9 @@ class SearchNetwork(keras.Model):
         size = relaxations.alpha_size(self.relaxation, len(self.op_names))
         edges = num_edges(self.steps)
         seed = self.seed
-        self.alpha_normal = variables.add_arch_weight(self, "alpha_normal", (edges, size), seed=seed)
+        self.alpha_normal = variables.add_arch_weight(
+            self, "alpha_normal", (edges, size), seed=seed
+        )
         self.alpha_reduce = variables.add_arch_weight(
             self, "alpha_reduce", (edges, size), seed=None if seed is None else seed + 1
         )
@@ -251,13 +256,20 @@ class SearchNetwork(keras.Model):
     def get_mixing_weights(self) -> dict[str, np.ndarray]:
         """The current noise-free mixing weights, ``{"normal": ..., "reduce": ...}``."""
         normal, reduce = self.compute_mixing_weights(training=False)
-        return {"normal": keras.ops.convert_to_numpy(normal), "reduce": keras.ops.convert_to_numpy(reduce)}
+        return {
+            "normal": keras.ops.convert_to_numpy(normal),
+            "reduce": keras.ops.convert_to_numpy(reduce),
+        }
 
     def genotype(self, k: int = 2) -> genotype_lib.Genotype:
         """The architecture the current alphas choose, by the DARTS rule."""
         weights = self.get_mixing_weights()
         return genotype_lib.derive_genotype(
-            weights["normal"], weights["reduce"], self.op_names, self.steps, k,
+            weights["normal"],
+            weights["reduce"],
+            self.op_names,
+            self.steps,
+            k,
             concat=range(2 + self.steps - self.multiplier, 2 + self.steps),
         )
 

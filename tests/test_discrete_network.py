@@ -10,7 +10,9 @@ from tests import testing
 
 
 def test_darts_v2_retrain_network_has_3_3m_weights():
-    net = DiscreteNetwork(keras_das.DARTS_V2, num_classes=10, channels=36, num_cells=20, auxiliary=True)
+    net = DiscreteNetwork(
+        keras_das.DARTS_V2, num_classes=10, channels=36, num_cells=20, auxiliary=True
+    )
     net.build((None, 32, 32, 3))
     aux = variables.count_weights(net.auxiliary_head.trainable_variables)
     # quark0/darts train.py prints "param size = 3.349342MB" for DARTS_V2 (auxiliary excluded).
@@ -24,8 +26,9 @@ def test_cell_output_shape():
 
 
 def _tiny(auxiliary=True):
-    return DiscreteNetwork(keras_das.DARTS_V1, num_classes=3, channels=4, num_cells=3,
-                           auxiliary=auxiliary, seed=0)
+    return DiscreteNetwork(
+        keras_das.DARTS_V1, num_classes=3, channels=4, num_cells=3, auxiliary=auxiliary, seed=0
+    )
 
 
 def test_auxiliary_logits_only_while_training():
@@ -40,8 +43,11 @@ def test_fit_with_auxiliary_loss_and_drop_path(tmp_path):
     net = _tiny()
     x = testing.random_inputs((8, 32, 32, 3))
     y = np.arange(8) % 3
-    net.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
+    net.compile(
+        keras.optimizers.SGD(0.05),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     net.build((None, 32, 32, 3))
     net.drop_path_rate.assign(0.3)
     history = net.fit(x, y, batch_size=4, epochs=2, verbose=0)
@@ -51,7 +57,9 @@ def test_fit_with_auxiliary_loss_and_drop_path(tmp_path):
     path = str(tmp_path / "net.keras")
     net.save(path)
     reloaded = keras.models.load_model(path)
-    np.testing.assert_allclose(reloaded.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+    )
     assert reloaded.genotype == keras_das.DARTS_V1
 
 
@@ -78,7 +86,8 @@ def test_drop_path_drops_whole_examples_and_rescales():
 
 
 def test_genotype_ops_are_validated():
-    bad = keras_das.Genotype.from_dict({**keras_das.DARTS_V2.to_dict(),
-                                       "normal": [["conv_7x7", 0]] * 8})
+    bad = keras_das.Genotype.from_dict(
+        {**keras_das.DARTS_V2.to_dict(), "normal": [["conv_7x7", 0]] * 8}
+    )
     with pytest.raises(ValueError, match="uses op 'conv_7x7'"):
         DiscreteNetwork(bad)

@@ -43,8 +43,12 @@ def test_derivation_keeps_the_two_strongest_edges_by_non_none_op():
     w[2, 0], w[2, 4] = 0.99, 0.01
     w[3, 5], w[4, 3] = 0.3, 0.5
     gene = genotype_lib.derive_edges(w, DARTS_OPS, steps=4)
-    assert gene[:4] == (("dil_conv_5x5", 1), ("max_pool_3x3", 0), ("skip_connect", 2),
-                        ("sep_conv_5x5", 1))
+    assert gene[:4] == (
+        ("dil_conv_5x5", 1),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 2),
+        ("sep_conv_5x5", 1),
+    )
 
 
 def test_darts_v2_round_trips_through_json(tmp_path):
@@ -66,7 +70,10 @@ def test_published_genotypes_as_in_the_reference():
     "change,message",
     [
         ({"normal": [["sep_conv_3x3", 0]] * 7}, "multiple of inputs_per_node"),
-        ({"normal": [["sep_conv_3x3", 2]] + [["sep_conv_3x3", 0]] * 7}, r"node 0 can only read inputs 0..1"),
+        (
+            {"normal": [["sep_conv_3x3", 2]] + [["sep_conv_3x3", 0]] * 7},
+            r"node 0 can only read inputs 0..1",
+        ),
         ({"normal_concat": [2, 9]}, "the cell has nodes 0..5"),
         ({"reduce": "max_pool_3x3"}, "list of \\[op, input\\] pairs"),
         ({"reduce": [["max_pool_3x3", "0"]] * 8}, "must be \\(op name, input index\\)"),

@@ -72,8 +72,9 @@ def test_gumbel_hard_passes_the_soft_gradient():
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
-        w = relaxations.mixing_weights(alpha, "gumbel_hard", 1.0, training=True,
-                                       seed=keras.random.SeedGenerator(0))
+        w = relaxations.mixing_weights(
+            alpha, "gumbel_hard", 1.0, training=True, seed=keras.random.SeedGenerator(0)
+        )
         loss = tf.reduce_sum(w * tf.constant([1.0, 2.0, 3.0]))
     grad = tape.gradient(loss, alpha.value)
     assert np.any(np.asarray(grad) != 0)
@@ -82,8 +83,12 @@ def test_gumbel_hard_passes_the_soft_gradient():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_sigmoid_gate_of_max_and_avg_pool(temperature):
-    gate = MixedOp(["max_pool_3x3", "avg_pool_3x3"], relaxation="gate",
-                   temperature=temperature, pool_batch_norm=False)
+    gate = MixedOp(
+        ["max_pool_3x3", "avg_pool_3x3"],
+        relaxation="gate",
+        temperature=temperature,
+        pool_batch_norm=False,
+    )
     gate(X)
     gate.alpha.assign([0.8])
     s = _sigmoid(0.8 / temperature)
@@ -121,8 +126,15 @@ def test_adapters_bring_16_and_32_channels_to_the_widest():
 
 
 def test_adapters_to_a_width_the_user_sets():
-    mix = MixedOp([layers.Conv2D(16, 3, padding="same"), layers.Conv2D(32, 5, padding="same"),
-                   "skip_connect", "none"], channels=24)
+    mix = MixedOp(
+        [
+            layers.Conv2D(16, 3, padding="same"),
+            layers.Conv2D(32, 5, padding="same"),
+            "skip_connect",
+            "none",
+        ],
+        channels=24,
+    )
     y = mix(testing.random_inputs((2, 8, 8, 3)))
     assert tuple(y.shape) == (2, 8, 8, 24)
     # Both convs and the 3-channel identity are projected; the zero op is made 24 wide.
@@ -150,7 +162,9 @@ def test_reports_weights_and_choice_and_skips_none():
     mix.alpha.assign([5.0, 1.0, 0.5])
     assert mix.chosen_name() == "conv_3x3"  # `none` never chosen, as in DARTS
     assert mix.chosen_index() == 1
-    np.testing.assert_allclose(mix.get_mixing_weights(), _softmax(np.array([5.0, 1.0, 0.5])), rtol=1e-6)
+    np.testing.assert_allclose(
+        mix.get_mixing_weights(), _softmax(np.array([5.0, 1.0, 0.5])), rtol=1e-6
+    )
 
 
 def test_shared_alpha_mode_takes_weights_from_its_owner():
@@ -166,13 +180,17 @@ def test_shared_alpha_mode_takes_weights_from_its_owner():
 def test_layer_contract(tmp_path):
     testing.run_layer_test(
         lambda: MixedOp(["sep_conv_3x3", "max_pool_3x3", layers.Conv2D(8, 1), "none"], seed=1),
-        (2, 8, 8, 4), (2, 8, 8, 8), tmp_path,
+        (2, 8, 8, 4),
+        (2, 8, 8, 8),
+        tmp_path,
     )
 
 
 def test_strided_named_candidates(tmp_path):
     testing.run_layer_test(
-        lambda: MixedOp(keras_das.DARTS_OPS, strides=2, channels=4), (2, 8, 8, 4), (2, 4, 4, 4),
+        lambda: MixedOp(keras_das.DARTS_OPS, strides=2, channels=4),
+        (2, 8, 8, 4),
+        (2, 4, 4, 4),
         tmp_path,
     )
 
@@ -206,14 +224,16 @@ def test_mixed_op_in_a_functional_model_trains_with_fit():
 
 def test_mixed_op_in_a_sequential_model_trains_with_fit():
     _fit_and_check(
-        keras.Sequential([
-            keras.Input((8, 8, 3)),
-            layers.Conv2D(8, 3, padding="same"),
-            MixedOp(["sep_conv_3x3", "skip_connect", "dil_conv_3x3"], relaxation="sigmoid"),
-            MixedOp(["conv_3x3", "avg_pool_3x3"], relaxation="gumbel", seed=0),
-            layers.GlobalAveragePooling2D(),
-            layers.Dense(2, activation="softmax"),
-        ])
+        keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                layers.Conv2D(8, 3, padding="same"),
+                MixedOp(["sep_conv_3x3", "skip_connect", "dil_conv_3x3"], relaxation="sigmoid"),
+                MixedOp(["conv_3x3", "avg_pool_3x3"], relaxation="gumbel", seed=0),
+                layers.GlobalAveragePooling2D(),
+                layers.Dense(2, activation="softmax"),
+            ]
+        )
     )
 
 

@@ -56,8 +56,17 @@ def _copy_weights(src, dst):
 
 
 @pytest.mark.parametrize(
-    "name", ["max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
-             "dil_conv_5x5", "conv_3x3", "conv_5x5"],
+    "name",
+    [
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
+        "conv_3x3",
+        "conv_5x5",
+    ],
 )
 def test_stride_2_matches_reference_padding(name):
     """The reference pads k//2 symmetrically, so output i of the strided op is output 2i of
@@ -156,7 +165,7 @@ def test_search_ops_have_batch_norm_without_affine():
     for name in ("sep_conv_3x3", "dil_conv_5x5", "conv_3x3"):
         op = ops_lib.make_op(name, 4, 1, affine=False)
         op(np.zeros((1, 4, 4, 4), "float32"))
-        bns = [l for l in op.chain if isinstance(l, keras.layers.BatchNormalization)]
+        bns = [x for x in op.chain if isinstance(x, keras.layers.BatchNormalization)]
         assert bns and all(not bn.center and not bn.scale for bn in bns)
         assert all(bn.epsilon == 1e-5 and bn.momentum == 0.9 for bn in bns)
         assert not any(bn.trainable_weights for bn in bns)

@@ -24,7 +24,16 @@ def test_weight_count_matches_the_reference():
 
 def test_reduction_cells_at_one_and_two_thirds():
     net = SearchNetwork(channels=4, num_cells=8)
-    assert [c.reduction for c in net.cells] == [False, False, True, False, False, True, False, False]
+    assert [c.reduction for c in net.cells] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
     assert [c.channels for c in net.cells] == [4, 4, 8, 8, 8, 16, 16, 16]
 
 
@@ -50,22 +59,37 @@ def test_all_normal_cells_share_one_alpha():
 
 @pytest.mark.parametrize("relaxation", ["softmax", "sigmoid", "gumbel", "gumbel_hard"])
 def test_network_trains_and_reloads(relaxation, tmp_path):
-    net = SearchNetwork(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2,
-                        op_names=SMALL_OPS, relaxation=relaxation, seed=0)
+    net = SearchNetwork(
+        num_classes=3,
+        channels=4,
+        num_cells=3,
+        steps=2,
+        multiplier=2,
+        op_names=SMALL_OPS,
+        relaxation=relaxation,
+        seed=0,
+    )
     x = testing.random_inputs((4, 16, 16, 3))
     y = np.array([0, 1, 2, 0])
     net.build(x.shape)
-    net.compile(keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    net.compile(
+        keras.optimizers.SGD(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     before = [v.numpy().copy() for v in keras_das.weight_variables(net)]
     history = net.fit(x, y, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, keras_das.weight_variables(net)))
+    assert any(
+        not np.array_equal(b, v.numpy()) for b, v in zip(before, keras_das.weight_variables(net))
+    )
     path = str(tmp_path / "net.keras")
     net.save(path)
     reloaded = keras.models.load_model(path)
-    np.testing.assert_allclose(reloaded.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(keras_das.arch_variables(reloaded)[0].numpy(),
-                                  keras_das.arch_variables(net)[0].numpy())
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_array_equal(
+        keras_das.arch_variables(reloaded)[0].numpy(), keras_das.arch_variables(net)[0].numpy()
+    )
     assert reloaded.genotype() == net.genotype()
 
 

@@ -41,12 +41,16 @@ def run_layer_test(make_layer, input_shape, expected_output_shape, tmp_path, tra
     assert np.isfinite(history.history["loss"][0])
     if trains:
         assert before, "expected trainable weights"
-        assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+        assert any(
+            not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables)
+        )
     else:
         assert not before
 
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     reloaded = keras.models.load_model(path)
-    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
     return model
