@@ -3,6 +3,7 @@
 from keras_das import ops
 from keras_das import plot
 from keras_das import relaxations
+from keras_das import schedules
 from keras_das.discrete_network import DiscreteNetwork
 from keras_das.genotype import DARTS_V1
 from keras_das.genotype import DARTS_V2
@@ -12,6 +13,8 @@ from keras_das.genotype import derive_genotype
 from keras_das.mixed_op import MixedOp
 from keras_das.ops import DARTS_OPS
 from keras_das.ops import register_op
+from keras_das.search_model import SearchModel
+from keras_das.search_model import pair_datasets
 from keras_das.search_network import SearchCell
 from keras_das.search_network import SearchNetwork
 from keras_das.variables import arch_variables

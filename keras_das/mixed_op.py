@@ -170,6 +170,10 @@ class MixedOp(layers.Layer):
             self.alpha, self.relaxation, self.temperature, training, self.seed_generator
         )
 
+    def named_mixing_weights(self, training=False):
+        """``{name: mixing weights}`` of the alphas this layer owns (see ``arch_owners``)."""
+        return {self.name: self.compute_mixing_weights(training)}
+
     def call(self, inputs, mixing_weights=None, training=None):
         if mixing_weights is None:
             mixing_weights = self.compute_mixing_weights(bool(training))

@@ -50,6 +50,20 @@ def batch_norm(affine: bool, name: str | None = None) -> layers.BatchNormalizati
     )
 
 
+def synchronize_batch_norm(model: keras.layers.Layer, enabled: bool = True) -> int:
+    """Makes every batch norm in ``model`` use global-batch statistics under ``tf.distribute``.
+
+    With per-replica statistics a step on N replicas differs from the same step on one
+    device; synchronised, the two match. Returns how many layers were set.
+    """
+    count = 0
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.synchronized = enabled
+            count += 1
+    return count
+
+
 def _check_strides(strides: int) -> None:
     if strides not in (1, 2):
         raise ValueError(f"strides must be 1 or 2, got {strides!r}")

@@ -139,6 +139,8 @@ class SearchNetwork(keras.Model):
         seed: seeds the alphas and the Gumbel noise.
     """
 
+    owns_alpha = True  # the cells' MixedOps share its alphas
+
     def __init__(
         self,
         num_classes=10,
@@ -241,6 +243,10 @@ class SearchNetwork(keras.Model):
             )
             for alpha in (self.alpha_normal, self.alpha_reduce)
         )
+
+    def named_mixing_weights(self, training=False):
+        """``{"normal": ..., "reduce": ...}`` (see ``keras_das.variables.arch_owners``)."""
+        return dict(zip(("normal", "reduce"), self.compute_mixing_weights(training)))
 
     def call(self, inputs, training=None):
         weights_normal, weights_reduce = self.compute_mixing_weights(bool(training))

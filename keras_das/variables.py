@@ -19,9 +19,7 @@ def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=Non
     """Creates a trainable architecture parameter on ``layer`` (call it from ``build``)."""
     if initializer is None:
         initializer = keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed)
-    variable = layer.add_weight(
-        name=name, shape=shape, initializer=initializer, trainable=True, dtype="float32"
-    )
+    variable = layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True)
     setattr(variable, _ARCH_TAG, True)
     return variable
 
@@ -49,3 +47,25 @@ def count_weights(variables) -> int:
             size *= int(dim)
         total += size
     return total
+
+
+def arch_owners(model: keras.layers.Layer) -> list:
+    """The layers of ``model`` that own alphas and turn them into mixing weights.
+
+    An owner has ``named_mixing_weights(training)`` and ``owns_alpha``: a MixedOp used
+    alone, or a DARTS ``SearchNetwork`` (whose cells' MixedOps share its alphas).
+    """
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if hasattr(layer, "named_mixing_weights") and getattr(layer, "owns_alpha", False)
+    ]
+
+
+def mixing_weights(model: keras.layers.Layer, training: bool = False) -> dict:
+    """Every owner's mixing weights, keyed ``owner`` or ``owner/part`` (``net/normal``)."""
+    out = {}
+    for owner in arch_owners(model):
+        for name, weights in owner.named_mixing_weights(training).items():
+            out[name if name == owner.name else f"{owner.name}/{name}"] = weights
+    return out
