@@ -270,9 +270,13 @@ def test_unbuilt_mixed_op():
 
 def test_search_network_points_to_the_genotype():
     net = keras_das.SearchNetwork(
-        num_classes=3, channels=4, num_cells=1, steps=1, multiplier=1,
+        num_classes=3,
+        channels=4,
+        num_cells=1,
+        steps=1,
+        multiplier=1,
         op_names=("max_pool_3x3", "skip_connect"),
-    )  # fmt: skip
+    )
     net(X)
     with pytest.raises(ValueError, match=r"owns_alpha=False.*genotype.*DiscreteNetwork"):
         keras_das.discretize(net)
