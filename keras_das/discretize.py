@@ -75,7 +75,8 @@ def discretize(
     Raises:
         ValueError: ``model`` contains no MixedOp, a MixedOp was never built, a shared-alpha
             MixedOp has no entry in ``choices``, ``choices`` names an unknown MixedOp or an
-            index out of range, or a MixedOp sits where the rebuild cannot reach it.
+            index out of range, a MixedOp sits where the rebuild cannot reach it, or a layer
+            other than a MixedOp holds architecture parameters.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"discretize expects a keras.Model, got {type(model).__name__}")
@@ -243,11 +244,10 @@ def _rebuild(graph: keras.Model, chosen: dict[int, int]) -> keras.Model:
     )
     for new, source in copies:
         new.set_weights(source.get_weights())
-    left = [
-        layer.name
-        for layer in new_model._flatten_layers(include_self=False)
-        if isinstance(layer, MixedOp)
-    ]
-    if left or variables.arch_variables(new_model):
-        raise RuntimeError(f"discretize left MixedOps {left} in model {new_model.name!r}")
+    alphas = [v.path for v in variables.arch_variables(new_model)]
+    if alphas:
+        raise ValueError(
+            f"Architecture parameters {alphas} belong to layers that are not MixedOps; "
+            "discretize replaces MixedOps only"
+        )
     return new_model

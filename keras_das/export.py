@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 
 import keras
+import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
@@ -168,8 +169,6 @@ def _per_channel(name: str, values, channels: int) -> tuple[float, ...]:
 
 def _serving_archive(model, image_shape, mean, std, from_logits):
     """An ExportArchive holding the model and its ``serving_default`` endpoint."""
-    import tensorflow as tf
-
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
 
@@ -202,8 +201,6 @@ def _serving_archive(model, image_shape, mean, std, from_logits):
 
 
 def _write_tflite(saved_model_dir: str) -> None:
-    import tensorflow as tf
-
     for filename, optimizations in (
         (TFLITE_FLOAT, []),
         (TFLITE_DYNAMIC_RANGE, [tf.lite.Optimize.DEFAULT]),

@@ -285,6 +285,24 @@ def test_search_network_points_to_the_genotype():
         keras_das.discretize(net, choices=choices)
 
 
+class _ArchScale(layers.Layer):
+    """Not a MixedOp, yet it holds an architecture parameter."""
+
+    def build(self, input_shape):
+        self.alpha = keras_das.variables.add_arch_weight(self, "alpha", ())
+
+    def call(self, inputs):
+        return inputs * self.alpha
+
+
+def test_other_architecture_parameters_are_an_error():
+    inputs = keras.Input((8, 8, 3))
+    h = MixedOp(_named_candidates(), name="mix_b")(inputs)
+    supernet = keras.Model(inputs, _ArchScale(name="scale")(h))
+    with pytest.raises(ValueError, match=r"\['scale/alpha'\] belong to layers that are not"):
+        keras_das.discretize(supernet)
+
+
 def _keras_config(path):
     with zipfile.ZipFile(path) as archive:
         return json.loads(archive.read("config.json"))
