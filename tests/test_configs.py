@@ -1,0 +1,197 @@
+"""The config files: fields the engine reads, presets, command-line overrides, typos."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from keras_das import data
+from keras_das.ops import DARTS_OPS
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+SEARCH = os.path.join(CONFIGS, "cifar.py")
+RETRAIN = os.path.join(CONFIGS, "cifar_train.py")
+
+DATA = {
+    "name": "cifar10",
+    "data_dir": None,
+    "train_portion": 0.5,
+    "augment": True,
+    "cutout": 0,
+    "batch_size": 64,
+    "num_examples": None,
+    "num_test_examples": None,
+    "synthetic_seed": 0,
+}
+DISTRIBUTION = {"strategy": "none", "tpu_address": ""}
+# The DARTS paper's settings (REFERENCE.md), field by field.
+SEARCH_DEFAULT = {
+    "seed": 2,
+    "deterministic": False,
+    "epochs": 50,
+    "jit_compile": False,
+    "steps_per_execution": 1,
+    "checkpoint_every_epochs": 1,
+    "data": DATA,
+    "model": {
+        "channels": 16,
+        "num_cells": 8,
+        "steps": 4,
+        "multiplier": 4,
+        "stem_multiplier": 3,
+        "op_names": DARTS_OPS,
+        "relaxation": "softmax",
+        "temperature": 1.0,
+    },
+    "optimizer": {
+        "lr": 0.025,
+        "lr_min": 0.001,
+        "momentum": 0.9,
+        "weight_decay": 3e-4,
+        "grad_clip": 5.0,
+    },
+    "arch": {
+        "architect": "first_order",
+        "lr": 3e-4,
+        "beta_1": 0.5,
+        "beta_2": 0.999,
+        "weight_decay": 1e-3,
+    },
+    "distribution": DISTRIBUTION,
+}
+RETRAIN_DEFAULT = {
+    "seed": 0,
+    "epochs": 600,
+    "genotype": "DARTS_V2",
+    "jit_compile": False,
+    "data": {**DATA, "batch_size": 96, "cutout": 16},
+    "model": {
+        "channels": 36,
+        "num_cells": 20,
+        "auxiliary": True,
+        "auxiliary_weight": 0.4,
+        "drop_path": 0.2,
+        "stem_multiplier": 3,
+    },
+    "optimizer": {
+        "lr": 0.025,
+        "lr_min": 0.0,
+        "momentum": 0.9,
+        "weight_decay": 3e-4,
+        "grad_clip": 5.0,
+    },
+    "distribution": DISTRIBUTION,
+}
+SMOKE = {
+    "epochs",
+    "data.batch_size",
+    "data.num_examples",
+    "model.channels",
+    "model.num_cells",
+}
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed(config, default):
+    a, b = flatten(config.to_dict()), flatten(default.to_dict())
+    assert a.keys() == b.keys()
+    return {key for key in a if a[key] != b[key]}
+
+
+def parse(*argv):
+    """Parses a command line the way the binaries do (config_flags, locked)."""
+    argv = ["binary", *argv]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize("path, expected", [(SEARCH, SEARCH_DEFAULT), (RETRAIN, RETRAIN_DEFAULT)])
+def test_default_is_the_paper(path, expected):
+    config = load(path).get_config()
+    assert config.to_dict() == expected
+    assert parse(f"--config={path}").to_dict() == expected
+    assert isinstance(config.data, type(data.default_config()))
+
+
+@pytest.mark.parametrize("path", [SEARCH, RETRAIN])
+def test_presets_differ_only_where_intended(path):
+    module = load(path)
+    default = module.get_config()
+    retrain = path == RETRAIN
+    smoke_fields = SMOKE | ({"data.num_test_examples"} if retrain else set())
+    smoke = module.get_config("smoke")
+    assert changed(smoke, default) == smoke_fields | {"data.name"}
+    assert smoke.data.name == "synthetic" and smoke.data.num_examples == 1000
+    assert smoke.epochs == (2 if retrain else 3)
+
+    cifar_smoke = module.get_config("cifar_smoke")
+    with_dir = {"data.data_dir"} if data.default_shared_tfds_dir() else set()
+    assert changed(cifar_smoke, default) == smoke_fields | with_dir
+    assert cifar_smoke.data.data_dir == data.default_shared_tfds_dir()
+    assert changed(cifar_smoke, smoke) == {"data.name"} | with_dir
+
+
+@pytest.mark.parametrize("path", [SEARCH, RETRAIN])
+def test_smoke_data_section_is_what_the_data_module_reads(path):
+    config = parse(f"--config={path}:smoke")
+    info = data.get_info(config.data)
+    assert (info.name, info.num_train) == ("synthetic", 1000)
+
+
+def test_command_line_overrides():
+    config = parse(
+        f"--config={SEARCH}:cifar_smoke",
+        "--config.data.data_dir=/data/tfds",
+        "--config.data.num_examples=500",
+        "--config.model.op_names=('none', 'skip_connect', 'sep_conv_3x3')",
+        "--config.arch.architect=second_order",
+    )
+    assert config.data.data_dir == "/data/tfds"
+    assert config.data.num_examples == 500
+    assert config.model.op_names == ("none", "skip_connect", "sep_conv_3x3")
+    assert config.arch.architect == "second_order"
+
+
+def test_locked_config_rejects_typos():
+    with pytest.raises(AttributeError, match='Did you mean "name" instead of "nmae"'):
+        parse(f"--config={SEARCH}", "--config.data.nmae=cifar100")
+    config = parse(f"--config={RETRAIN}")
+    with pytest.raises(AttributeError, match="auxilary"):
+        config.model.auxilary = False
+    with pytest.raises(TypeError):
+        config.data.num_examples = "all"  # a placeholder keeps its type
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"'smoek'.*\['default', 'smoke', 'cifar_smoke'\]"):
+        load(SEARCH).get_config("smoek")
+
+
+def test_default_data_config_rejects_typos():
+    assert data.default_config(batch_size=96).batch_size == 96
+    with pytest.raises(AttributeError, match='Did you mean "cutout"'):
+        data.default_config(cut_out=16)
