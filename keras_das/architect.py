@@ -35,11 +35,19 @@ def check_architect(name: str) -> str:
 
 
 def all_reduce_sum(tensors):
-    """Sums ``tensors`` over the replicas of the current strategy (identity on one)."""
+    """Sums ``tensors`` over the replicas of the current strategy (identity on one).
+
+    ``None`` entries (variables the loss does not reach) stay ``None``.
+    """
+    tensors = list(tensors)
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return list(tensors)
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, list(tensors))
+        return tensors
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [tensors[i] for i in present])
+    for i, r in zip(present, reduced):
+        tensors[i] = r
+    return tensors
 
 
 def global_norm(tensors):
@@ -136,8 +144,15 @@ class Architect:
         minus = _replace(values, weight, [wi - eps * vi for wi, vi in zip(w, v)])
         g_plus, _, _ = self.gradients(plus, arch, *train_batch, with_penalty=False)
         g_minus, _, _ = self.gradients(minus, arch, *train_batch, with_penalty=False)
-        return dict(d_alpha=d_alpha, grad_plus=g_plus, grad_minus=g_minus, eps=eps, xi=xi,
-                    val_loss=val_loss, val_pred=val_pred)
+        return dict(
+            d_alpha=d_alpha,
+            grad_plus=g_plus,
+            grad_minus=g_minus,
+            eps=eps,
+            xi=xi,
+            val_loss=val_loss,
+            val_pred=val_pred,
+        )
 
     def second_order(self, train_batch, val_batch):
         t = self.second_order_terms(train_batch, val_batch)

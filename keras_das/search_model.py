@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import types
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -128,7 +130,9 @@ class SearchModel(keras.Model):
         self.built = True
         trainable = self.supernet.trainable_variables
         self.arch_index = [i for i, v in enumerate(trainable) if variables.is_arch_variable(v)]
-        self.weight_index = [i for i, v in enumerate(trainable) if not variables.is_arch_variable(v)]
+        self.weight_index = [
+            i for i, v in enumerate(trainable) if not variables.is_arch_variable(v)
+        ]
         if not self.arch_index:
             raise ValueError(
                 f"Model {self.supernet.name!r} has no architecture parameters; add MixedOp "
@@ -139,7 +143,10 @@ class SearchModel(keras.Model):
             weight_optimizer = keras.optimizers.SGD(0.025, momentum=0.9)
         if arch_optimizer is None:
             arch_optimizer = keras.optimizers.Adam(3e-4, beta_1=0.5, beta_2=0.999, epsilon=1e-8)
-        for name, opt in (("weight_optimizer", weight_optimizer), ("arch_optimizer", arch_optimizer)):
+        for name, opt in (
+            ("weight_optimizer", weight_optimizer),
+            ("arch_optimizer", arch_optimizer),
+        ):
             if opt.global_clipnorm or opt.clipnorm or opt.clipvalue or opt.weight_decay:
                 raise ValueError(
                     f"{name} clips or decays by itself; pass grad_clip / weight_decay / "
@@ -161,11 +168,14 @@ class SearchModel(keras.Model):
         self.arch_penalties = tuple(arch_penalties)
         self.architect = Architect(self, architect, fd_epsilon)
 
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.arch_loss_tracker = keras.metrics.Mean(name="arch_val_loss")
-        self.entropy_tracker = keras.metrics.Mean(name="entropy")
-        self.train_metrics = [_make_metric(m) for m in metrics]
-        self.val_metrics = [_make_metric(m, prefix="arch_val_") for m in metrics]
+        # Held outside Keras's attribute tracking: compile may follow build.
+        self._search_metrics = types.SimpleNamespace(
+            loss=keras.metrics.Mean(name="loss"),
+            arch_loss=keras.metrics.Mean(name="arch_val_loss"),
+            entropy=keras.metrics.Mean(name="entropy"),
+            train=[_make_metric(m) for m in metrics],
+            val=[_make_metric(m, prefix="arch_val_") for m in metrics],
+        )
         # The base class gets the weight optimizer (for `model.optimizer`, learning-rate
         # logging callbacks) but no loss or metrics: this class computes them.
         super().compile(
@@ -187,15 +197,8 @@ class SearchModel(keras.Model):
 
     @property
     def metrics(self):
-        if not hasattr(self, "loss_tracker"):
-            return []
-        return [
-            self.loss_tracker,
-            *self.train_metrics,
-            self.arch_loss_tracker,
-            *self.val_metrics,
-            self.entropy_tracker,
-        ]
+        m = getattr(self, "_search_metrics", None)
+        return [] if m is None else [m.loss, *m.train, m.arch_loss, *m.val, m.entropy]
 
     # -- the step -----------------------------------------------------------------------
 
@@ -211,8 +214,7 @@ class SearchModel(keras.Model):
 
     def arch_step(self, train_batch, val_batch):
         grads, val_loss, val_pred = self.architect(train_batch, val_batch)
-        grads = [g + self.arch_weight_decay * a for g, a in zip(grads, self.arch_vars)]
-        self._apply(self.arch_optimizer, grads, self.arch_vars)
+        self._apply(self.arch_optimizer, grads, self.arch_vars, self.arch_weight_decay)
         return val_loss, val_pred
 
     def weight_step(self, x, y):
@@ -220,44 +222,49 @@ class SearchModel(keras.Model):
             y_pred = self.supernet(x, training=True)
             loss = self.total_loss(y, y_pred, self.supernet.losses, with_penalty=False)
         grads = all_reduce_sum(tape.gradient(loss, self.weight_vars))
-        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, self.weight_vars)]
         if self.grad_clip is not None:
-            grads, _ = tf.clip_by_global_norm(grads, self.grad_clip)
-        grads = [g + self.weight_decay * w for g, w in zip(grads, self.weight_vars)]
-        self._apply(self.weight_optimizer, grads, self.weight_vars)
+            present = [g for g in grads if g is not None]
+            clipped = iter(tf.clip_by_global_norm(present, self.grad_clip)[0])
+            grads = [None if g is None else next(clipped) for g in grads]
+        self._apply(self.weight_optimizer, grads, self.weight_vars, self.weight_decay)
         return loss, y_pred
 
     @staticmethod
-    def _apply(optimizer, grads, variables_):
+    def _apply(optimizer, grads, variables_, weight_decay):
+        """Adds coupled weight decay and steps; variables without a gradient are left alone
+        (as PyTorch skips parameters whose grad is None)."""
+        pairs = [(g + weight_decay * v, v) for g, v in zip(grads, variables_) if g is not None]
         # Our gradients are already summed over replicas; Keras optimizers sum again in a
         # replica context, so hand them the per-replica share.
         replicas = _replicas()
-        if replicas > 1:
-            grads = [g / replicas for g in grads]
-        optimizer.apply(grads, variables_)
+        optimizer.apply(
+            [g / replicas if replicas > 1 else g for g, _ in pairs], [v for _, v in pairs]
+        )
 
     def train_step(self, data):
         (x_train, y_train), (x_val, y_val) = data
         val_loss, val_pred = self.arch_step((x_train, y_train), (x_val, y_val))
         loss, y_pred = self.weight_step(x_train, y_train)
 
+        m = self._search_metrics
         # Losses are scaled by 1 / replicas (as Keras losses are); report the batch mean.
-        self.loss_tracker.update_state(loss * _replicas())
-        self.arch_loss_tracker.update_state(val_loss * _replicas())
-        for metric in self.train_metrics:
+        m.loss.update_state(loss * _replicas())
+        m.arch_loss.update_state(val_loss * _replicas())
+        for metric in m.train:
             metric.update_state(y_train, y_pred)
-        for metric in self.val_metrics:
+        for metric in m.val:
             metric.update_state(y_val, val_pred)
-        self.entropy_tracker.update_state(self.mixing_entropy())
-        return {m.name: m.result() for m in self.metrics}
+        m.entropy.update_state(self.mixing_entropy())
+        return {metric.name: metric.result() for metric in self.metrics}
 
     def test_step(self, data):
         x, y = data[:2]
         y_pred = self.supernet(x, training=False)
-        self.loss_tracker.update_state(self.loss_fn(y, y_pred) * _replicas())
-        for metric in self.train_metrics:
+        m = self._search_metrics
+        m.loss.update_state(self.loss_fn(y, y_pred) * _replicas())
+        for metric in m.train:
             metric.update_state(y, y_pred)
-        return {m.name: m.result() for m in [self.loss_tracker, *self.train_metrics]}
+        return {metric.name: metric.result() for metric in [m.loss, *m.train]}
 
     def mixing_entropy(self):
         """Mean entropy of the current mixing weights over all owners of alphas."""

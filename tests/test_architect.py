@@ -35,7 +35,10 @@ def _smooth_supernet():
         ]
     )(h)
     h = MixedOp(
-        [layers.Conv2D(4, 3, padding="same", activation="tanh"), layers.AveragePooling2D(3, 1, "same")],
+        [
+            layers.Conv2D(4, 3, padding="same", activation="tanh"),
+            layers.AveragePooling2D(3, 1, "same"),
+        ],
         relaxation="sigmoid",
     )(h)
     h = layers.GlobalAveragePooling2D()(h)
