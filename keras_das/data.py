@@ -320,7 +320,8 @@ def _tfds_dataset(data_config: Any) -> _Dataset:
     # tensorflow_datasets takes seconds to import; only TFDS datasets need it.
     import tensorflow_datasets as tfds
 
-    name, data_dir = data_config.name, data_config.data_dir
+    name = data_config.name
+    data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
     builder = _tfds_builder(tfds, name, data_dir)
     image_key, label_key = _supervised_keys(tfds, builder, name)
     image_shape = tuple(builder.info.features[image_key].shape)
@@ -350,8 +351,8 @@ def _tfds_dataset(data_config: Any) -> _Dataset:
         "num_test_examples",
         name,
     )
-    if name in KNOWN_STATS:
-        mean, std = KNOWN_STATS[name]
+    if builder.name in KNOWN_STATS:  # builder.name drops a version: "cifar10:3.0.2"
+        mean, std = KNOWN_STATS[builder.name]
     else:
         sample = min(available, STATS_SAMPLE_SIZE)  # whatever num_examples is
         mean, std = _cached_stats(builder.info.full_name, read("train", 0, sample))

@@ -83,7 +83,8 @@ def test_mock_tfds_unknown_statistics_are_computed_once_and_cached(tmp_path):
             for f in files
         ]
         assert "svhn_cropped" in path and path.endswith(".json")
-        stats = json.loads(open(path).read())
+        with open(path) as f:
+            stats = json.load(f)
         stats["mean"] = [0.25, 0.5, 0.75]
         with open(path, "w") as f:
             json.dump(stats, f)
@@ -96,11 +97,13 @@ def test_mock_tfds_test_split_is_one_ordered_pass_with_a_partial_batch(tmp_path)
         _, test, info, steps = data.train_datasets(config, 8, seed=0, epochs=1)
         assert info.image_shape == (28, 28, 1) and info.mean == data.KNOWN_STATS["mnist"][0]
         sizes = [int(y.shape[0]) for _, y in test]
+        first = np.concatenate([x.numpy() for x, _ in test])
         again = np.concatenate([x.numpy() for x, _ in test])
     assert steps == 30 // 8
     assert sizes == [8, 8, 8, 6]
-    # Not augmented and no cutout: every pixel maps back to a byte, the same on every pass.
-    raw = pixels(again, info)
+    np.testing.assert_array_equal(first, again)
+    # Test images are neither augmented nor cut out: every pixel maps back to a byte.
+    raw = pixels(first, info)
     assert raw.shape == (30, 28, 28, 1)
     assert not np.any(np.all(raw == 0, axis=(1, 2, 3)))
 
