@@ -26,6 +26,7 @@ setup(
         "absl-py",
         "ml-collections",
         "matplotlib",  # genotype and alpha-history pictures
+        "tensorboard",  # tf.summary (TensorFlow 2.21 no longer pulls it in)
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist"]},
 )

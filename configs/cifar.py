@@ -68,7 +68,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     config.distribution = ml_collections.ConfigDict(
-        {"strategy": "none", "tpu_address": ""}  # none, mirrored, multi_worker, tpu
+        {
+            "strategy": "none",  # none, mirrored, multi_worker, tpu
+            "tpu_address": "",
+            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
+            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
+        }
     )
 
     if preset in ("smoke", "cifar_smoke"):

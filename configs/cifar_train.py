@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.deterministic = False  # tf.config.experimental.enable_op_determinism()
     config.epochs = 600
     config.genotype = "DARTS_V2"  # a name in keras_das.GENOTYPES or a genotype.json path
     config.jit_compile = False
@@ -52,7 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"lr": 0.025, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 3e-4, "grad_clip": 5.0}
     )
     config.distribution = ml_collections.ConfigDict(
-        {"strategy": "none", "tpu_address": ""}  # none, mirrored, multi_worker, tpu
+        {
+            "strategy": "none",  # none, mirrored, multi_worker, tpu
+            "tpu_address": "",
+            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
+            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
+        }
     )
 
     if preset in ("smoke", "cifar_smoke"):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_das.updates import all_reduce_sum
+
 ARCHITECTS = ("first_order", "second_order", "exact")
 
 
@@ -32,22 +34,6 @@ def check_architect(name: str) -> str:
     if name not in ARCHITECTS:
         raise ValueError(f"Unknown architect {name!r}; expected one of {list(ARCHITECTS)}")
     return name
-
-
-def all_reduce_sum(tensors):
-    """Sums ``tensors`` over the replicas of the current strategy (identity on one).
-
-    ``None`` entries (variables the loss does not reach) stay ``None``.
-    """
-    tensors = list(tensors)
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tensors
-    present = [i for i, t in enumerate(tensors) if t is not None]
-    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [tensors[i] for i in present])
-    for i, r in zip(present, reduced):
-        tensors[i] = r
-    return tensors
 
 
 def global_norm(tensors):

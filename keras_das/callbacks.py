@@ -65,3 +65,176 @@ class MixingWeightsHistory(keras.callbacks.Callback):
     def load(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite, and remembers where.
+
+    Unlike ``keras.callbacks.TerminateOnNaN`` it records the epoch and step, so that the
+    run can fail with a message naming them (``failure``), and checkpoints are not written
+    for the failed epoch (``CheckpointEveryEpoch`` checks ``failure``).
+    """
+
+    def __init__(self, steps_per_epoch: int | None = None):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.failure = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            step = (
+                self._epoch * (self.steps_per_epoch or 0) + batch if self.steps_per_epoch else None
+            )
+            self.failure = {
+                "epoch": self._epoch,
+                "batch": batch,
+                "global_step": step,
+                "loss": float(loss),
+            }
+            self.model.stop_training = True
+
+    def message(self, last_checkpoint: str | None) -> str:
+        f = self.failure
+        where = f"epoch {f['epoch'] + 1}, step {f['batch'] + 1}"
+        if f["global_step"] is not None:
+            where += f" (global step {f['global_step'] + 1})"
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written before it"
+        )
+        return f"The training loss became {f['loss']} at {where}; stopped. {kept}."
+
+
+class CheckpointEveryEpoch(keras.callbacks.Callback):
+    """Saves a ``keras_das.checkpoint.Checkpoint`` after every ``every`` epochs (and the last).
+
+    Skips an epoch that a ``NaNGuard`` stopped, keeping the last good checkpoint.
+    """
+
+    def __init__(
+        self,
+        checkpoint,
+        epochs: int,
+        every: int = 1,
+        nan_guard: NaNGuard | None = None,
+        write: bool = True,
+    ):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.epochs = epochs
+        self.every = max(1, int(every))
+        self.nan_guard = nan_guard
+        self.write = write
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_guard is not None and self.nan_guard.failure is not None:
+            return
+        finished = epoch + 1
+        if self.write and (finished % self.every == 0 or finished == self.epochs):
+            self.checkpoint.save(finished)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current learning rates to the epoch logs (so History and TensorBoard get them).
+
+    Put it before ``keras.callbacks.TensorBoard`` in the callback list.
+    """
+
+    def __init__(self, optimizers: dict):
+        super().__init__()
+        self.optimizers = optimizers
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # The rate the epoch trains with (read at its start: a schedule moves at its end).
+        self._rates = {
+            name: float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            for name, optimizer in self.optimizers.items()
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._rates)
+
+
+class DropPathSchedule(keras.callbacks.Callback):
+    """Ramps a network's ``drop_path_rate`` linearly, ``rate * epoch / epochs``, as DARTS."""
+
+    def __init__(self, rate: float, epochs: int):
+        super().__init__()
+        self.rate = rate
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        network = getattr(self.model, "network", self.model)
+        network.drop_path_rate.assign(self.rate * epoch / self.epochs)
+
+
+class SearchArtifacts(keras.callbacks.Callback):
+    """Writes what a DARTS search produces after every epoch, each file atomically.
+
+    - ``genotype.json`` (the current derivation) and ``genotypes/epoch_NNN.json``;
+    - ``genotype.png``, a picture of both cells;
+    - ``alphas_normal.png`` / ``alphas_reduce.png``: each edge's mixing weights over epochs
+      (from a ``MixingWeightsHistory``);
+    - TensorBoard scalars ``mixing_weights/<cell>/<edge>/<op>`` under ``tensorboard_dir``.
+
+    Args:
+        workdir: the output folder.
+        history: the ``MixingWeightsHistory`` of the run.
+        tensorboard_dir: where to write the mixing-weight summaries (None: not written).
+    """
+
+    def __init__(
+        self, workdir: str, history: MixingWeightsHistory, tensorboard_dir: str | None = None
+    ):
+        super().__init__()
+        self.workdir = workdir
+        self.history = history
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        import os
+
+        from keras_das import plot
+        from keras_das.search_network import edge_names
+
+        net = self.history.supernet
+        genotype = net.genotype()
+        genotype.save(os.path.join(self.workdir, "genotypes", f"epoch_{epoch + 1:03d}.json"))
+        genotype.save(os.path.join(self.workdir, "genotype.json"))
+        plot.plot_genotype(
+            genotype, os.path.join(self.workdir, "genotype.png"), title=f"after epoch {epoch + 1}"
+        )
+        labels = edge_names(net.steps)
+        for cell in ("normal", "reduce"):
+            weights = self.history.weights.get(f"{net.name}/{cell}")
+            if weights:
+                plot.plot_weight_history(
+                    weights,
+                    net.op_names,
+                    os.path.join(self.workdir, f"alphas_{cell}.png"),
+                    labels,
+                    title=f"{cell} cell mixing weights by epoch",
+                )
+        if self.tensorboard_dir:
+            self._write_summaries(epoch + 1, net, labels)
+
+    def _write_summaries(self, step, net, labels):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+        with self._writer.as_default():
+            for cell, weights in net.get_mixing_weights().items():
+                for e, label in enumerate(labels):
+                    for o, op in enumerate(net.op_names):
+                        tag = f"mixing_weights/{cell}/{label.replace('->', '_to_')}/{op}"
+                        tf.summary.scalar(tag, weights[e, o], step=step)
+        self._writer.flush()

@@ -34,7 +34,9 @@ class EpochCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         epoch = keras.ops.floor_divide(keras.ops.cast(step, "int64"), self.steps_per_epoch)
         progress = keras.ops.cast(epoch, "float32") / float(self.epochs)
         cosine = 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
-        return self.min_learning_rate + (self.initial_learning_rate - self.min_learning_rate) * cosine
+        return (
+            self.min_learning_rate + (self.initial_learning_rate - self.min_learning_rate) * cosine
+        )
 
     def get_config(self):
         return {

@@ -11,9 +11,9 @@ import tensorflow as tf
 
 from keras_das import ops as ops_lib
 from keras_das import relaxations
+from keras_das import updates
 from keras_das import variables
 from keras_das.architect import Architect
-from keras_das.architect import all_reduce_sum
 
 _ACCURACY_NAMES = ("accuracy", "acc")
 
@@ -143,23 +143,15 @@ class SearchModel(keras.Model):
             weight_optimizer = keras.optimizers.SGD(0.025, momentum=0.9)
         if arch_optimizer is None:
             arch_optimizer = keras.optimizers.Adam(3e-4, beta_1=0.5, beta_2=0.999, epsilon=1e-8)
-        for name, opt in (
-            ("weight_optimizer", weight_optimizer),
-            ("arch_optimizer", arch_optimizer),
-        ):
-            if opt.global_clipnorm or opt.clipnorm or opt.clipvalue or opt.weight_decay:
-                raise ValueError(
-                    f"{name} clips or decays by itself; pass grad_clip / weight_decay / "
-                    "arch_weight_decay to compile instead (DARTS couples weight decay into "
-                    "the gradient and clips the global norm of the weight gradients)"
-                )
+        updates.check_optimizer("weight_optimizer", weight_optimizer)
+        updates.check_optimizer("arch_optimizer", arch_optimizer)
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
         self.weight_optimizer = weight_optimizer
         self.arch_optimizer = arch_optimizer
         self.weight_optimizer.build(self.weight_vars)
         self.arch_optimizer.build(self.arch_vars)
-        if sync_batch_norm and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        if sync_batch_norm and updates.num_replicas() > 1:
             ops_lib.synchronize_batch_norm(self.supernet)
         self.loss_fn = keras.losses.get(loss)
         self.weight_decay = float(weight_decay)
@@ -209,37 +201,25 @@ class SearchModel(keras.Model):
         if with_penalty:
             extra += [penalty(self.supernet) for penalty in self.arch_penalties]
         if extra:
-            loss = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) / _replicas()
+            loss = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) / updates.num_replicas()
         return loss
 
     def arch_step(self, train_batch, val_batch):
         grads, val_loss, val_pred = self.architect(train_batch, val_batch)
-        self._apply(self.arch_optimizer, grads, self.arch_vars, self.arch_weight_decay)
+        updates.apply_gradients(
+            self.arch_optimizer, grads, self.arch_vars, self.arch_weight_decay, reduced=True
+        )
         return val_loss, val_pred
 
     def weight_step(self, x, y):
         with tf.GradientTape() as tape:
             y_pred = self.supernet(x, training=True)
             loss = self.total_loss(y, y_pred, self.supernet.losses, with_penalty=False)
-        grads = all_reduce_sum(tape.gradient(loss, self.weight_vars))
-        if self.grad_clip is not None:
-            present = [g for g in grads if g is not None]
-            clipped = iter(tf.clip_by_global_norm(present, self.grad_clip)[0])
-            grads = [None if g is None else next(clipped) for g in grads]
-        self._apply(self.weight_optimizer, grads, self.weight_vars, self.weight_decay)
-        return loss, y_pred
-
-    @staticmethod
-    def _apply(optimizer, grads, variables_, weight_decay):
-        """Adds coupled weight decay and steps; variables without a gradient are left alone
-        (as PyTorch skips parameters whose grad is None)."""
-        pairs = [(g + weight_decay * v, v) for g, v in zip(grads, variables_) if g is not None]
-        # Our gradients are already summed over replicas; Keras optimizers sum again in a
-        # replica context, so hand them the per-replica share.
-        replicas = _replicas()
-        optimizer.apply(
-            [g / replicas if replicas > 1 else g for g, _ in pairs], [v for _, v in pairs]
+        grads = tape.gradient(loss, self.weight_vars)
+        updates.apply_gradients(
+            self.weight_optimizer, grads, self.weight_vars, self.weight_decay, self.grad_clip
         )
+        return loss, y_pred
 
     def train_step(self, data):
         (x_train, y_train), (x_val, y_val) = data
@@ -248,8 +228,8 @@ class SearchModel(keras.Model):
 
         m = self._search_metrics
         # Losses are scaled by 1 / replicas (as Keras losses are); report the batch mean.
-        m.loss.update_state(loss * _replicas())
-        m.arch_loss.update_state(val_loss * _replicas())
+        m.loss.update_state(loss * updates.num_replicas())
+        m.arch_loss.update_state(val_loss * updates.num_replicas())
         for metric in m.train:
             metric.update_state(y_train, y_pred)
         for metric in m.val:
@@ -261,7 +241,7 @@ class SearchModel(keras.Model):
         x, y = data[:2]
         y_pred = self.supernet(x, training=False)
         m = self._search_metrics
-        m.loss.update_state(self.loss_fn(y, y_pred) * _replicas())
+        m.loss.update_state(self.loss_fn(y, y_pred) * updates.num_replicas())
         for metric in m.train:
             metric.update_state(y, y_pred)
         return {metric.name: metric.result() for metric in [m.loss, *m.train]}
@@ -282,10 +262,6 @@ class SearchModel(keras.Model):
         config = dict(config)
         config["supernet"] = keras.saving.deserialize_keras_object(config["supernet"])
         return cls(**config)
-
-
-def _replicas() -> int:
-    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _make_metric(spec, prefix=""):

@@ -1,0 +1,92 @@
+"""tf.distribute strategies from the ``distribution`` section of a config."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Unknown distribution.strategy {name!r}; expected one of {list(STRATEGIES)}"
+        )
+    return name
+
+
+def make_strategy(distribution_config) -> tf.distribute.Strategy:
+    """Builds the strategy a config names.
+
+    - ``none``: the default strategy (one device).
+    - ``mirrored``: ``MirroredStrategy`` over every local GPU (or the CPU when there is
+      none), or over ``distribution.devices`` when that field is set. With
+      ``distribution.cpu_devices = N`` the CPU is first split into N logical devices.
+    - ``multi_worker``: ``MultiWorkerMirroredStrategy``; each worker's ``TF_CONFIG``
+      environment variable names the cluster and its own task (see ``launch/``).
+    - ``tpu``: ``TPUStrategy`` on ``distribution.tpu_address`` (empty: the local TPU).
+
+    Global batch sizes stay global: Keras splits each batch across the replicas.
+    """
+    name = check_strategy(distribution_config.strategy)
+    split_cpu(distribution_config.get("cpu_devices", 0))
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tuple(distribution_config.get("devices", ()) or ()) or None
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError(
+                "distribution.strategy='multi_worker' needs the TF_CONFIG environment "
+                "variable (the cluster and this worker's task); launch/multi_worker.py sets it"
+            )
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from e
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=distribution_config.tpu_address or ""
+    )
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def split_cpu(count: int) -> None:
+    """Splits the CPU into ``count`` logical devices (0 or 1: leave it whole).
+
+    Lets multi-device code (``mirrored`` over ``/cpu:0``, ``/cpu:1``, ...) run and be tested
+    on a machine without accelerators. Must run before TensorFlow executes any op.
+    """
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"distribution.cpu_devices must be an int >= 0, got {count!r}")
+    if count <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count
+        )
+    except RuntimeError as e:
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise ValueError(
+                f"distribution.cpu_devices={count}: TensorFlow was initialised before the CPU "
+                "could be split; set it at the start of the process"
+            ) from e
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the workdir (worker 0 of a multi-worker cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )

@@ -1,0 +1,222 @@
+"""An architecture search from a config to a workdir (what ``python -m keras_das.search`` runs).
+
+Workdir outputs, each written atomically:
+
+    config.json                the resolved config
+    genotype.json              the derived genotype (updated every epoch; final at the end)
+    genotypes/epoch_NNN.json   the genotype after each epoch
+    genotype.png               both cells as graphs
+    alpha_history.json         every owner's mixing weights after each epoch
+    alphas_normal.png, alphas_reduce.png   how each edge's mixing weights moved
+    tensorboard/               losses, accuracies, learning rates, per-edge mixing weights
+    checkpoints/               everything needed to resume (see keras_das.checkpoint)
+    search_summary.json        final metrics, wall time, the genotype
+
+Running the same command again on the same workdir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import keras
+
+from keras_das import architect as architect_lib
+from keras_das import callbacks as callbacks_lib
+from keras_das import checkpoint as checkpoint_lib
+from keras_das import data
+from keras_das import distribution
+from keras_das import experiment
+from keras_das import io_utils
+from keras_das import ops as ops_lib
+from keras_das import relaxations
+from keras_das.schedules import EpochCosineDecay
+from keras_das.search_model import SearchModel
+from keras_das.search_model import pair_datasets
+from keras_das.search_network import SearchNetwork
+
+
+def validate_config(config) -> None:
+    """Raises a ValueError naming the field, the bad value and the valid choices."""
+    experiment.check_field("model.op_names", ops_lib.check_op_names, config.model.op_names)
+    if len(config.model.op_names) < 2:
+        raise ValueError(
+            f"config.model.op_names needs at least 2 ops, got {config.model.op_names!r}"
+        )
+    experiment.check_field(
+        "model.relaxation",
+        relaxations.check_relaxation,
+        config.model.relaxation,
+        len(config.model.op_names),
+    )
+    experiment.check_field(
+        "model.temperature", relaxations.check_temperature, config.model.temperature
+    )
+    experiment.check_field("arch.architect", architect_lib.check_architect, config.arch.architect)
+    experiment.check_field(
+        "distribution.strategy", distribution.check_strategy, config.distribution.strategy
+    )
+    experiment.check_positive(
+        config,
+        "epochs",
+        "data.batch_size",
+        "model.channels",
+        "model.num_cells",
+        "model.steps",
+        "model.multiplier",
+        "model.stem_multiplier",
+        "steps_per_execution",
+        "checkpoint_every_epochs",
+    )
+    experiment.check_positive(config, "optimizer.lr", "arch.lr", integer=False)
+    if config.model.multiplier > config.model.steps:
+        raise ValueError(
+            f"config.model.multiplier={config.model.multiplier} exceeds config.model.steps="
+            f"{config.model.steps} (a cell concatenates at most all its nodes)"
+        )
+    if not 0 <= config.optimizer.lr_min <= config.optimizer.lr:
+        raise ValueError(
+            f"config.optimizer.lr_min must be in [0, lr={config.optimizer.lr}], got {config.optimizer.lr_min!r}"
+        )
+    if config.optimizer.grad_clip is not None and not config.optimizer.grad_clip > 0:
+        raise ValueError(
+            f"config.optimizer.grad_clip must be > 0 or None, got {config.optimizer.grad_clip!r}"
+        )
+
+
+def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> SearchModel:
+    """The supernet and its SearchModel, compiled as the config says (call under the strategy)."""
+    net = SearchNetwork(
+        num_classes=info.num_classes,
+        channels=config.model.channels,
+        num_cells=config.model.num_cells,
+        steps=config.model.steps,
+        multiplier=config.model.multiplier,
+        stem_multiplier=config.model.stem_multiplier,
+        op_names=tuple(config.model.op_names),
+        relaxation=config.model.relaxation,
+        temperature=config.model.temperature,
+        seed=config.seed,
+    )
+    search = SearchModel(net)
+    search.build((None, *info.image_shape))
+    lr = EpochCosineDecay(
+        config.optimizer.lr, config.epochs, steps_per_epoch, config.optimizer.lr_min
+    )
+    search.compile(
+        weight_optimizer=keras.optimizers.SGD(lr, momentum=config.optimizer.momentum),
+        arch_optimizer=keras.optimizers.Adam(
+            config.arch.lr, beta_1=config.arch.beta_1, beta_2=config.arch.beta_2, epsilon=1e-8
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        architect=config.arch.architect,
+        weight_decay=config.optimizer.weight_decay,
+        arch_weight_decay=config.arch.weight_decay,
+        grad_clip=config.optimizer.grad_clip,
+        jit_compile=config.jit_compile,
+        steps_per_execution=config.steps_per_execution,
+    )
+    return search
+
+
+def run(config, workdir: str, verbose: int | str = "auto") -> dict:
+    """Searches as ``config`` says, writing to ``workdir``; resumes from its checkpoint.
+
+    Returns:
+        The summary also written to ``search_summary.json``.
+
+    Raises:
+        ValueError: an invalid config (before any training).
+        FloatingPointError: the loss became NaN (the last good checkpoint is kept).
+    """
+    validate_config(config)
+    strategy = distribution.make_strategy(config.distribution)  # first: it may split the CPU
+    info = data.get_info(config.data)  # an unknown dataset fails here, before training
+    experiment.set_seeds(config.seed, config.deterministic)
+    chief = distribution.is_chief(strategy)
+    os.makedirs(workdir, exist_ok=True)
+    if chief:
+        experiment.write_config(config, workdir)
+
+    with strategy.scope():
+        _, _, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
+        search = build_search_model(config, info, steps)
+        net = search.supernet
+    # Non-chief workers of a multi-worker run checkpoint into a scratch folder.
+    ckpt_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp()
+    os.makedirs(ckpt_dir, exist_ok=True)
+    checkpoint = checkpoint_lib.Checkpoint(
+        ckpt_dir,
+        {
+            "supernet": net,
+            "weight_optimizer": search.weight_optimizer,
+            "arch_optimizer": search.arch_optimizer,
+        },
+    )
+    shared = checkpoint_lib.Checkpoint(os.path.join(workdir, "checkpoints"), checkpoint.groups)
+    initial_epoch = shared.restore() or 0
+    if initial_epoch:
+        logging.info("Resuming %s after epoch %d", workdir, initial_epoch)
+
+    history_path = os.path.join(workdir, "alpha_history.json")
+    previous = (
+        callbacks_lib.MixingWeightsHistory.load(history_path)
+        if initial_epoch and os.path.exists(history_path)
+        else None
+    )
+    record = callbacks_lib.MixingWeightsHistory(history_path if chief else None, initial=previous)
+    nan_guard = callbacks_lib.NaNGuard(steps)
+    callbacks = [
+        nan_guard,
+        record,
+        callbacks_lib.CheckpointEveryEpoch(
+            checkpoint, config.epochs, config.checkpoint_every_epochs, nan_guard
+        ),
+        callbacks_lib.LearningRateLogger(
+            {"learning_rate": search.weight_optimizer, "arch_learning_rate": search.arch_optimizer}
+        ),
+    ]
+    if chief:
+        tensorboard = os.path.join(workdir, "tensorboard")
+        callbacks += [
+            callbacks_lib.SearchArtifacts(
+                workdir, record, os.path.join(tensorboard, "mixing_weights")
+            ),
+            keras.callbacks.TensorBoard(tensorboard, write_graph=False),
+        ]
+
+    summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
+    start = time.time()
+    if initial_epoch < config.epochs:
+        train, val, _, steps = data.search_datasets(
+            config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
+        )
+        paired, _ = pair_datasets(train, val)
+        history = search.fit(
+            paired,
+            steps_per_epoch=steps,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        if nan_guard.failure is not None:
+            raise FloatingPointError(nan_guard.message(shared.latest()))
+        summary["final_metrics"] = {k: float(v[-1]) for k, v in history.history.items()}
+    summary["wall_time_s"] = time.time() - start
+    genotype = net.genotype()
+    summary["genotype"] = genotype.to_dict()
+    summary["skip_connections"] = {
+        c: genotype.count("skip_connect", c) for c in ("normal", "reduce")
+    }
+    if chief:
+        genotype.save(os.path.join(workdir, "genotype.json"))
+        io_utils.atomic_write_text(
+            os.path.join(workdir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
+        )
+    return summary

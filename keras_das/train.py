@@ -1,0 +1,27 @@
+"""Retrain a genotype: ``python -m keras_das.train --config=configs/cifar_train.py --workdir=DIR``.
+
+``--config.genotype`` takes a named genotype (DARTS_V2) or a genotype.json from a search.
+The logic lives in ``keras_das.train_lib``; this file only reads flags.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from keras_das import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Retraining configuration.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError("Too many command-line arguments.")
+    train_lib.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,175 @@
+"""Retraining a genotype from scratch (what ``python -m keras_das.train`` runs).
+
+Workdir outputs, each written atomically:
+
+    config.json           the resolved config
+    genotype.json         the genotype trained, genotype.png its picture
+    tensorboard/          losses, accuracies, learning rate
+    checkpoints/          everything needed to resume
+    model.keras           the final network (keras.models.load_model, with keras_das imported)
+    train_summary.json    test accuracy and loss, parameters, wall time
+
+Running the same command again on the same workdir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import keras
+
+from keras_das import callbacks as callbacks_lib
+from keras_das import checkpoint as checkpoint_lib
+from keras_das import data
+from keras_das import distribution
+from keras_das import experiment
+from keras_das import io_utils
+from keras_das import plot
+from keras_das import variables
+from keras_das.discrete_network import DiscreteNetwork
+from keras_das.genotype import Genotype
+from keras_das.genotype import get_genotype
+from keras_das.schedules import EpochCosineDecay
+
+
+def load_genotype(config) -> Genotype:
+    """The genotype ``config.genotype`` names (or points to), checked against the op registry."""
+    try:
+        return get_genotype(str(config.genotype)).validate_ops()
+    except ValueError as e:
+        raise ValueError(f"config.genotype={config.genotype!r}: {e}") from e
+
+
+def validate_config(config) -> Genotype:
+    """Raises a ValueError naming the field, the bad value and the valid choices."""
+    experiment.check_field(
+        "distribution.strategy", distribution.check_strategy, config.distribution.strategy
+    )
+    experiment.check_positive(
+        config,
+        "epochs",
+        "data.batch_size",
+        "model.channels",
+        "model.num_cells",
+        "model.stem_multiplier",
+    )
+    experiment.check_positive(config, "optimizer.lr", integer=False)
+    if not 0.0 <= config.model.drop_path < 1.0:
+        raise ValueError(
+            f"config.model.drop_path must be in [0, 1), got {config.model.drop_path!r}"
+        )
+    if not config.model.auxiliary_weight >= 0:
+        raise ValueError(
+            f"config.model.auxiliary_weight must be >= 0, got {config.model.auxiliary_weight!r}"
+        )
+    if config.optimizer.grad_clip is not None and not config.optimizer.grad_clip > 0:
+        raise ValueError(
+            f"config.optimizer.grad_clip must be > 0 or None, got {config.optimizer.grad_clip!r}"
+        )
+    return load_genotype(config)
+
+
+def run(config, workdir: str, verbose: int | str = "auto") -> dict:
+    """Trains the genotype of ``config`` from scratch, writing to ``workdir``; resumes.
+
+    Returns:
+        The summary also written to ``train_summary.json`` (``test_accuracy`` among it).
+    """
+    genotype = validate_config(config)
+    strategy = distribution.make_strategy(config.distribution)  # first: it may split the CPU
+    info = data.get_info(config.data)
+    experiment.set_seeds(config.seed, config.deterministic)
+    chief = distribution.is_chief(strategy)
+    os.makedirs(workdir, exist_ok=True)
+    if chief:
+        experiment.write_config(config, workdir)
+        genotype.save(os.path.join(workdir, "genotype.json"))
+        plot.plot_genotype(
+            genotype, os.path.join(workdir, "genotype.png"), title=str(config.genotype)
+        )
+
+    with strategy.scope():
+        _, _, _, steps = data.train_datasets(config.data, config.data.batch_size, config.seed)
+        net = DiscreteNetwork(
+            genotype,
+            num_classes=info.num_classes,
+            channels=config.model.channels,
+            num_cells=config.model.num_cells,
+            auxiliary=config.model.auxiliary,
+            auxiliary_weight=config.model.auxiliary_weight,
+            stem_multiplier=config.model.stem_multiplier,
+            seed=config.seed,
+        )
+        net.build((None, *info.image_shape))
+        optimizer = keras.optimizers.SGD(
+            EpochCosineDecay(config.optimizer.lr, config.epochs, steps, config.optimizer.lr_min),
+            momentum=config.optimizer.momentum,
+        )
+        net.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            weight_decay=config.optimizer.weight_decay,
+            grad_clip=config.optimizer.grad_clip,
+            jit_compile=config.jit_compile,
+        )
+        optimizer.build(net.trainable_variables)
+    ckpt_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp()
+    os.makedirs(ckpt_dir, exist_ok=True)
+    checkpoint = checkpoint_lib.Checkpoint(ckpt_dir, {"network": net, "optimizer": optimizer})
+    shared = checkpoint_lib.Checkpoint(os.path.join(workdir, "checkpoints"), checkpoint.groups)
+    initial_epoch = shared.restore() or 0
+
+    nan_guard = callbacks_lib.NaNGuard(steps)
+    callbacks = [
+        nan_guard,
+        callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs),
+        callbacks_lib.CheckpointEveryEpoch(checkpoint, config.epochs, 1, nan_guard),
+        callbacks_lib.LearningRateLogger({"learning_rate": optimizer}),
+    ]
+    if chief:
+        callbacks.append(
+            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)
+        )
+
+    train, test, _, steps = data.train_datasets(
+        config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
+    )
+    start = time.time()
+    summary = {
+        "genotype": genotype.to_dict(),
+        "epochs": config.epochs,
+        "resumed_from_epoch": initial_epoch,
+    }
+    if initial_epoch < config.epochs:
+        history = net.fit(
+            train,
+            steps_per_epoch=steps,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        if nan_guard.failure is not None:
+            raise FloatingPointError(nan_guard.message(shared.latest()))
+        summary["final_metrics"] = {k: float(v[-1]) for k, v in history.history.items()}
+    summary["train_wall_time_s"] = time.time() - start
+    test_loss, test_accuracy = net.evaluate(test, verbose=0)
+    aux = net.auxiliary_head.trainable_variables if net.auxiliary_head is not None else []
+    summary.update(
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        num_test_examples=info.num_test,
+        parameters=variables.count_weights(net.trainable_variables) - variables.count_weights(aux),
+        auxiliary_parameters=variables.count_weights(aux),
+    )
+    if chief:
+        with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
+            net.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
+        io_utils.atomic_write_text(
+            os.path.join(workdir, "train_summary.json"), json.dumps(summary, indent=2) + "\n"
+        )
+    return summary

@@ -1,0 +1,247 @@
+"""The search binary end to end, resume after a kill, NaN handling and bad configs."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_das
+from configs import cifar
+from keras_das import data
+from keras_das import search_lib
+from tests.binaries import run_binary
+from tests.binaries import start_binary
+
+SHARED_TFDS = data.default_shared_tfds_dir()
+# A space small enough for quick tests; the presets run the full 8 ops.
+TINY_OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+TINY = (
+    "--config.model.num_cells=3",
+    "--config.model.steps=2",
+    "--config.model.multiplier=2",
+    "--config.model.channels=4",
+    f"--config.model.op_names={TINY_OPS}",
+    "--config.data.num_examples=256",
+    "--config.data.batch_size=16",
+)
+
+
+def tiny_config(**changes):
+    config = cifar.get_config("smoke")
+    config.model.num_cells, config.model.steps, config.model.multiplier = 3, 2, 2
+    config.model.channels, config.model.op_names = 4, TINY_OPS
+    config.data.num_examples, config.data.batch_size = 256, 16
+    config.epochs = 2
+    for field, value in changes.items():
+        section, _, name = field.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return config
+
+
+def check_search_workdir(workdir, epochs):
+    """Every output of a finished search exists and parses."""
+    genotype = keras_das.Genotype.load(os.path.join(workdir, "genotype.json"))
+    for epoch in range(1, epochs + 1):
+        assert keras_das.Genotype.load(
+            os.path.join(workdir, "genotypes", f"epoch_{epoch:03d}.json")
+        )
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["epochs"] == epochs
+    with open(os.path.join(workdir, "alpha_history.json")) as f:
+        history = json.load(f)
+    assert history["epochs"] == list(range(epochs))
+    assert keras_das.Genotype.from_dict(history["genotypes"][-1]) == genotype
+    with open(os.path.join(workdir, "search_summary.json")) as f:
+        summary = json.load(f)
+    assert keras_das.Genotype.from_dict(summary["genotype"]) == genotype
+    assert 0.0 <= summary["final_metrics"]["arch_val_accuracy"] <= 1.0
+    for png in ("genotype.png", "alphas_normal.png", "alphas_reduce.png"):
+        with open(os.path.join(workdir, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
+    with open(os.path.join(workdir, "checkpoints", "latest.json")) as f:
+        assert json.load(f)["epoch"] == epochs
+    tags = set()
+    for root, _, files in os.walk(os.path.join(workdir, "tensorboard")):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                tags.update(v.tag for v in event.summary.value)
+    for tag in (
+        "epoch_loss",
+        "epoch_accuracy",
+        "epoch_arch_val_accuracy",
+        "epoch_learning_rate",
+        "epoch_arch_learning_rate",
+        "mixing_weights/normal/0_to_2/sep_conv_3x3",
+    ):
+        assert tag in tags, (tag, sorted(tags)[:20])
+    leftovers = [f for _, _, files in os.walk(workdir) for f in files if f.startswith(".")]
+    assert not leftovers, leftovers  # no temporary files from atomic writes
+    return summary
+
+
+@pytest.mark.e2e
+def test_search_binary_smoke_preset(tmp_path):
+    workdir = str(tmp_path / "search")
+    run_binary("keras_das.search", "--config=configs/cifar.py:smoke", f"--workdir={workdir}")
+    summary = check_search_workdir(workdir, cifar.get_config("smoke").epochs)
+    assert summary["resumed_from_epoch"] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(SHARED_TFDS is None, reason="the real CIFAR-10 (../shared/tfds) is not here")
+def test_search_binary_on_real_cifar10(tmp_path):
+    workdir = str(tmp_path / "search")
+    run_binary("keras_das.search", "--config=configs/cifar.py:cifar_smoke", f"--workdir={workdir}")
+    check_search_workdir(workdir, cifar.get_config("cifar_smoke").epochs)
+
+
+@pytest.mark.e2e
+def test_search_under_mirrored_strategy_on_two_cpus(tmp_path):
+    workdir = str(tmp_path / "search")
+    run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:smoke",
+        f"--workdir={workdir}",
+        *TINY,
+        "--config.epochs=1",
+        "--config.distribution.strategy=mirrored",
+        "--config.distribution.cpu_devices=2",
+    )
+    check_search_workdir(workdir, 1)
+
+
+def _final_state(workdir):
+    path = os.path.join(
+        workdir,
+        "checkpoints",
+        json.load(open(os.path.join(workdir, "checkpoints", "latest.json")))["file"],
+    )
+    with np.load(path) as ckpt:
+        paths = json.loads(str(ckpt["__paths__"]))
+        return {paths[k]: ckpt[k] for k in paths}
+
+
+@pytest.mark.e2e
+def test_killed_search_resumes_to_the_same_alphas(tmp_path):
+    args = (
+        "--config=configs/cifar.py:smoke",
+        *TINY,
+        "--config.epochs=3",
+        "--config.deterministic=True",
+    )
+    straight = str(tmp_path / "straight")
+    run_binary("keras_das.search", *args, f"--workdir={straight}")
+
+    killed = str(tmp_path / "killed")
+    process = start_binary(
+        "keras_das.search", *args, f"--workdir={killed}", log_path=str(tmp_path / "log")
+    )
+    latest = os.path.join(killed, "checkpoints", "latest.json")
+    deadline = time.time() + 600
+    while not os.path.exists(latest) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, open(tmp_path / "log").read()[-3000:]
+    time.sleep(1.0)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.load(open(latest))["epoch"] < 3
+
+    run_binary("keras_das.search", *args, f"--workdir={killed}")
+    summary = check_search_workdir(killed, 3)
+    assert summary["resumed_from_epoch"] >= 1
+    assert (
+        open(os.path.join(killed, "genotype.json")).read()
+        == open(os.path.join(straight, "genotype.json")).read()
+    )
+    a, b = _final_state(straight), _final_state(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = data.search_datasets
+
+    def poisoned(*args, **kwargs):
+        train, val, info, steps = real(*args, **kwargs)
+        start = kwargs.get("initial_epoch", args[3] if len(args) > 3 else 0)
+        bad_step = (1 - start) * steps + 2  # epoch 2 (index 1), step 3
+
+        def poison(i, batch):
+            x, y = batch
+            return tf.where(i >= bad_step, x * np.nan, x), y
+
+        return train.enumerate().map(poison), val, info, steps
+
+    monkeypatch.setattr(data, "search_datasets", poisoned)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(
+        FloatingPointError, match=r"became nan at epoch 2, step 3 \(global step \d+\).*ckpt-00001"
+    ):
+        search_lib.run(tiny_config(epochs=3), workdir, verbose=0)
+    assert json.load(open(os.path.join(workdir, "checkpoints", "latest.json")))["epoch"] == 1
+    assert keras_das.Genotype.load(os.path.join(workdir, "genotype.json"))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "model.op_names",
+            ("none", "sep_conv_9x9"),
+            r"config.model.op_names: Unknown op 'sep_conv_9x9'; expected one of",
+        ),
+        (
+            "model.relaxation",
+            "argmax",
+            r"config.model.relaxation: Unknown relaxation 'argmax'; expected one of \['softmax'",
+        ),
+        (
+            "arch.architect",
+            "third_order",
+            r"config.arch.architect: Unknown architect 'third_order'; expected one of \['first_order'",
+        ),
+        (
+            "distribution.strategy",
+            "horovod",
+            r"config.distribution.strategy: Unknown distribution.strategy 'horovod'; expected one of \['none'",
+        ),
+        ("model.num_cells", 0, r"config.model.num_cells must be a positive int, got 0"),
+        ("model.multiplier", 5, r"config.model.multiplier=5 exceeds config.model.steps=2"),
+        ("epochs", -1, r"config.epochs must be a positive int, got -1"),
+        ("data.train_portion", 1.5, r"data.train_portion must be in \(0, 1\), got 1.5"),
+        ("data.name", "cifar11", r"cifar11"),
+        ("data.batch_size", 100000, r"batch"),
+    ],
+)
+def test_bad_configs_fail_before_training(field, value, message, tmp_path):
+    workdir = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match=message):
+        search_lib.run(tiny_config(**{field: value}), workdir, verbose=0)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_bad_config_from_the_command_line_names_the_field(tmp_path):
+    result = run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.arch.architect=zeroth_order",
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "config.arch.architect: Unknown architect 'zeroth_order'" in result.stderr
+    typo = run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.arch.architekt=first_order",
+        check=False,
+        timeout=300,
+    )
+    assert typo.returncode != 0 and "architect" in typo.stderr  # locked config suggests the field
