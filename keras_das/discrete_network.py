@@ -295,6 +295,15 @@ class DiscreteNetwork(keras.Model):
         self.grad_clip = grad_clip
         super().compile(*args, **kwargs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a tf.distribute strategy Keras pulls one batch from the training iterator
+        # (which is then never trained on) to build the model symbolically, and its
+        # reduction of that batch fails under MultiWorkerMirroredStrategy. This model is
+        # built before it is compiled, so there is nothing to build.
+        if self.built and self.compiled:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def get_compile_config(self):
         config = super().get_compile_config()
         if config:
@@ -319,7 +328,10 @@ class DiscreteNetwork(keras.Model):
         for metric in self.metrics:  # as in the Keras guide to customising fit()
             if metric.name == "loss":
                 metric.update_state(loss * updates.num_replicas())
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        return updates.mean_over_replicas(self.compute_metrics(x, y, y_pred, sample_weight))
+
+    def test_step(self, data):
+        return updates.mean_over_replicas(super().test_step(data))
 
     # The auxiliary head adds to the loss only; metrics see the main logits.
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -90,3 +90,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and resolver.task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """``worker_1``-style name of this process's task (``chief`` when not distributed)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "chief"
+    return f"{resolver.task_type}_{resolver.task_id}"

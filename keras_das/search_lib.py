@@ -214,9 +214,13 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     summary["skip_connections"] = {
         c: genotype.count("skip_connect", c) for c in ("normal", "reduce")
     }
+    summary["alphas"] = {a.path: a.numpy().tolist() for a in search.arch_vars}
     if chief:
         genotype.save(os.path.join(workdir, "genotype.json"))
-        io_utils.atomic_write_text(
-            os.path.join(workdir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
-        )
+        summary_dir = workdir
+    else:  # other workers of a multi-worker run report under workers/
+        summary_dir = os.path.join(workdir, "workers", distribution.task_name(strategy))
+    io_utils.atomic_write_text(
+        os.path.join(summary_dir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
+    )
     return summary

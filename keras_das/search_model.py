@@ -70,6 +70,15 @@ class SearchModel(keras.Model):
     def call(self, inputs, training=None):
         return self.supernet(inputs, training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a tf.distribute strategy Keras pulls one batch from the training iterator
+        # (which is then never trained on) to build the model symbolically, and its
+        # reduction of that batch fails under MultiWorkerMirroredStrategy. This model is
+        # built before it is compiled, so there is nothing to build.
+        if self.built and self.compiled:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def fit(self, *args, shuffle=False, **kwargs):
         # Paired streams are shuffled by their pipelines; Keras cannot shuffle them.
         return super().fit(*args, shuffle=shuffle, **kwargs)
@@ -235,7 +244,7 @@ class SearchModel(keras.Model):
         for metric in m.val:
             metric.update_state(y_val, val_pred)
         m.entropy.update_state(self.mixing_entropy())
-        return {metric.name: metric.result() for metric in self.metrics}
+        return updates.mean_over_replicas({metric.name: metric.result() for metric in self.metrics})
 
     def test_step(self, data):
         x, y = data[:2]
@@ -244,7 +253,9 @@ class SearchModel(keras.Model):
         m.loss.update_state(self.loss_fn(y, y_pred) * updates.num_replicas())
         for metric in m.train:
             metric.update_state(y, y_pred)
-        return {metric.name: metric.result() for metric in [m.loss, *m.train]}
+        return updates.mean_over_replicas(
+            {metric.name: metric.result() for metric in [m.loss, *m.train]}
+        )
 
     def mixing_entropy(self):
         """Mean entropy of the current mixing weights over all owners of alphas."""

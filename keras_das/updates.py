@@ -72,3 +72,23 @@ def check_optimizer(name: str, optimizer) -> None:
             "instead (DARTS couples weight decay into the gradient and clips the global norm "
             "of the gradients summed over replicas)"
         )
+
+
+def mean_over_replicas(logs: dict) -> dict:
+    """Averages step results over replicas, so every replica returns the global values.
+
+    Keras then reduces the replicas' results with a mean over axis 0, which fails on scalars
+    under MultiWorkerMirroredStrategy; there the results get a leading axis of 1 (the mean
+    over it is the scalar again).
+    """
+    strategy = tf.distribute.get_strategy()
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return logs
+    names = list(logs)
+    values = context.all_reduce(
+        tf.distribute.ReduceOp.MEAN, [tf.cast(logs[n], tf.float32) for n in names]
+    )
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        values = [tf.reshape(v, [1]) for v in values]
+    return dict(zip(names, values))
