@@ -75,6 +75,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
         }
     )
+    # Remedies for collapse and the discretisation gap (keras_das.remedies); each off by
+    # default, with its published setting once switched on.
+    config.remedies = ml_collections.ConfigDict(
+        {
+            # Sparsity: L1 on the mixing weights (acts on sigmoid relaxations), and
+            # FairDARTS's zero-one loss (weight 10, with model.relaxation="sigmoid").
+            "l1": {"enabled": False, "weight": 0.1},
+            "zero_one": {"enabled": False, "weight": 10.0},
+            # Temperature annealing over the search: constant, linear or exponential
+            # (GDAS: exponential 10 -> 0.1, SNAS: 1 -> 0.03).
+            "temperature": {"schedule": "constant", "start": 1.0, "end": 1.0},
+            # P-DARTS: at most max_skips skip connections in the derived normal cell.
+            "skip_cap": {"enabled": False, "max_skips": 2},
+            # Every input-to-output path of the normal cell passes min_param_ops
+            # parameterised (non-skip, non-pool) ops.
+            "param_paths": {"enabled": False, "min_param_ops": 1},
+            # DARTS+: stop when the normal cell has max_skips skips, or the op ranking has
+            # been stable for stable_epochs epochs (0: that criterion off).
+            "early_stop": {"enabled": False, "max_skips": 2, "stable_epochs": 10},
+            # DARTS-: an auxiliary skip connection scaled by beta, decaying linearly to 0.
+            "aux_skip": {"enabled": False, "beta": 1.0},
+            # PC-DARTS: warm-up epochs with the alphas frozen (15 in the paper) ...
+            "warmup": {"enabled": False, "epochs": 15},
+            # ... and partial channel connections: 1/k of the channels through the ops,
+            # with edge normalisation.
+            "partial_channels": {"enabled": False, "k": 4, "edge_normalization": True},
+            # FBNet / ProxylessNAS: + weight * expected latency (ms, batch batch_size) with a
+            # table measured here and cached, or a JSON table given in `table`.
+            "latency": {"enabled": False, "weight": 0.01, "table": "", "batch_size": 1},
+            # The discretisation-gap report at the end of the search.
+            "gap_report": {"enabled": True, "recalibration_batches": 20},
+        }
+    )
 
     if preset in ("smoke", "cifar_smoke"):
         config.epochs = 3

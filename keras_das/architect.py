@@ -102,10 +102,13 @@ class Architect:
         """Returns ``(grads for the arch variables, val loss (scaled), val predictions)``."""
         return getattr(self, self.method)(train_batch, val_batch)
 
+    def current_values(self):
+        """The supernet's trainable variables, read as tensors."""
+        return [v.value for v in self.search_model.supernet.trainable_variables]
+
     def _split(self):
         sm = self.search_model
-        values = [v.value for v in sm.supernet.trainable_variables]
-        return values, sm.weight_index, sm.arch_index
+        return self.current_values(), sm.weight_index, sm.arch_index
 
     def first_order(self, train_batch, val_batch):
         del train_batch

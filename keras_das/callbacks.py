@@ -136,7 +136,8 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
         if self.nan_guard is not None and self.nan_guard.failure is not None:
             return
         finished = epoch + 1
-        if self.write and (finished % self.every == 0 or finished == self.epochs):
+        last = finished == self.epochs or self.model.stop_training  # e.g. stopped early
+        if self.write and (finished % self.every == 0 or last):
             self.checkpoint.save(finished)
 
 

@@ -208,6 +208,112 @@ def derive_edges(
     return tuple(gene)
 
 
+def _edge_row(node: int, j: int) -> int:
+    """Row of the edge ``j -> node`` in a ``[num_edges, num_ops]`` weight matrix."""
+    return sum(2 + i for i in range(node)) + j
+
+
+def cap_skips(
+    weights,
+    op_names: Sequence[str],
+    steps: int,
+    k: int = 2,
+    max_skips: int = 2,
+    skip: str = "skip_connect",
+) -> Gene:
+    """P-DARTS: the DARTS rule, keeping at most ``max_skips`` skip connections.
+
+    While the derived cell has more, the weakest chosen skip connection is ruled out on
+    its edge and the cell derived again (that edge then takes its next-best op, or the
+    node its next-best edge).
+    """
+    if not isinstance(max_skips, int) or max_skips < 0:
+        raise ValueError(f"max_skips must be an int >= 0, got {max_skips!r}")
+    weights = np.array(weights, dtype=np.float64)
+    if skip not in op_names:
+        return derive_edges(weights, op_names, steps, k)
+    s = list(op_names).index(skip)
+    while True:
+        gene = derive_edges(weights, op_names, steps, k)
+        chosen = [
+            _edge_row(position // k, j) for position, (op, j) in enumerate(gene) if op == skip
+        ]
+        if len(chosen) <= max_skips:
+            return gene
+        weakest = min(chosen, key=lambda row: weights[row, s])
+        weights[weakest, s] = -np.inf
+
+
+def parameterised_depth(gene: Gene, concat, k: int = 2, parameter_free=None) -> int:
+    """The fewest parameterised ops on any path from the cell's inputs to its output."""
+    parameter_free = ops_lib.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
+    steps = len(gene) // k
+    depth = [0, 0] + [0] * steps
+    for node in range(steps):
+        depth[2 + node] = min(
+            depth[j] + (op not in parameter_free) for op, j in gene[node * k : (node + 1) * k]
+        )
+    return min(depth[c] for c in concat)
+
+
+def enforce_parameterised_paths(
+    gene: Gene,
+    weights,
+    op_names: Sequence[str],
+    concat,
+    k: int = 2,
+    min_ops: int = 1,
+    parameter_free=None,
+) -> Gene:
+    """Makes every input-to-output path of a cell pass ``min_ops`` parameterised ops.
+
+    While some path has fewer, the parameter-free op on it whose edge has the strongest
+    parameterised alternative is replaced by that alternative (the least costly change in
+    mixing weight). Connectivity is kept; only ops change.
+
+    Raises:
+        ValueError: when ``min_ops`` exceeds the number of edges on the cell's shortest path
+            (no choice of ops could satisfy it).
+    """
+    parameter_free = ops_lib.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
+    weights = np.asarray(weights, dtype=np.float64)
+    gene = list(gene)
+    steps = len(gene) // k
+    # Counting every op as parameterised gives the number of edges on the shortest path.
+    shortest = parameterised_depth(tuple(gene), concat, k, parameter_free=frozenset())
+    if not isinstance(min_ops, int) or not 0 <= min_ops <= shortest:
+        raise ValueError(
+            f"min_param_ops={min_ops!r} is not possible: the cell's shortest input-to-output "
+            f"path has {shortest} edge(s); expected an int in [0, {shortest}]"
+        )
+    param = [i for i, name in enumerate(op_names) if name not in parameter_free]
+    while parameterised_depth(tuple(gene), concat, k, parameter_free) < min_ops:
+        # The positions on a path of least parameterised depth, found backwards.
+        depth = [0, 0] + [0] * steps
+        best_in = {}
+        for node in range(steps):
+            entries = [
+                (depth[j] + (op not in parameter_free), node * k + e, j)
+                for e, (op, j) in enumerate(gene[node * k : (node + 1) * k])
+            ]
+            depth[2 + node], best_in[2 + node], _ = min(entries)
+        state = min(concat, key=lambda c: depth[c])
+        path = []
+        while state >= 2:
+            position = best_in[state]
+            path.append(position)
+            state = gene[position][1]
+        options = [
+            (weights[_edge_row(p // k, gene[p][1]), param].max(), p)
+            for p in path
+            if gene[p][0] in parameter_free
+        ]
+        _, position = max(options)
+        row = _edge_row(position // k, gene[position][1])
+        gene[position] = (op_names[param[int(np.argmax(weights[row, param]))]], gene[position][1])
+    return tuple(gene)
+
+
 def derive_genotype(
     normal_weights,
     reduce_weights,
@@ -215,11 +321,32 @@ def derive_genotype(
     steps: int = 4,
     k: int = 2,
     concat: Sequence[int] | None = None,
+    max_skips: int | None = None,
+    min_param_ops: int = 0,
 ) -> Genotype:
-    """The DARTS genotype for a pair of mixing-weight matrices ``[edges, ops]``."""
+    """The DARTS genotype for a pair of mixing-weight matrices ``[edges, ops]``.
+
+    Args:
+        normal_weights, reduce_weights: mixing weights ``[num_edges, num_ops]``.
+        op_names: the ops, in the order of the last axis.
+        steps: intermediate nodes per cell.
+        k: incoming edges kept per node.
+        concat: the nodes concatenated into a cell's output (default: all intermediate).
+        max_skips: P-DARTS's cap on skip connections in the normal cell (None: no cap).
+        min_param_ops: every path from the inputs to the output of the normal cell passes
+            at least this many parameterised ops (0: no constraint).
+    """
     concat = tuple(range(2, 2 + steps)) if concat is None else tuple(concat)
+    if max_skips is None:
+        normal = derive_edges(normal_weights, op_names, steps, k)
+    else:
+        normal = cap_skips(normal_weights, op_names, steps, k, max_skips)
+    if min_param_ops:
+        normal = enforce_parameterised_paths(
+            normal, normal_weights, op_names, concat, k, min_param_ops
+        )
     return Genotype(
-        normal=derive_edges(normal_weights, op_names, steps, k),
+        normal=normal,
         normal_concat=concat,
         reduce=derive_edges(reduce_weights, op_names, steps, k),
         reduce_concat=concat,

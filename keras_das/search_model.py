@@ -98,6 +98,7 @@ class SearchModel(keras.Model):
         fd_epsilon: float = 0.01,
         arch_penalties: Sequence[Callable] = (),
         sync_batch_norm: bool = True,
+        freezable_arch: bool = False,
         jit_compile: bool = False,
         steps_per_execution: int = 1,
     ):
@@ -127,6 +128,8 @@ class SearchModel(keras.Model):
             sync_batch_norm: under a strategy with several replicas, make the supernet's
                 batch norms use global-batch statistics (so the search does not depend on
                 the number of replicas).
+            freezable_arch: compile the step so that ``arch_enabled`` (a variable) can freeze
+                the alphas, as warm-up epochs do (``keras_das.remedies.ArchWarmup``).
             jit_compile: compile steps with XLA (off by default: on CPU it made the DARTS
                 weight step 6.4x slower).
             steps_per_execution: steps per compiled call.
@@ -169,7 +172,10 @@ class SearchModel(keras.Model):
         self.arch_penalties = tuple(arch_penalties)
         self.architect = Architect(self, architect, fd_epsilon)
 
-        # Held outside Keras's attribute tracking: compile may follow build.
+        # Held outside Keras's attribute tracking (compile may follow build); resumed runs
+        # set it again (keras_das.remedies.ArchWarmup at each epoch's start).
+        self.freezable_arch = freezable_arch
+        self._arch_enabled = types.SimpleNamespace(variable=tf.Variable(True, trainable=False))
         self._search_metrics = types.SimpleNamespace(
             loss=keras.metrics.Mean(name="loss"),
             arch_loss=keras.metrics.Mean(name="arch_val_loss"),
@@ -195,6 +201,11 @@ class SearchModel(keras.Model):
     def arch_vars(self):
         trainable = self.supernet.trainable_variables
         return [trainable[i] for i in self.arch_index]
+
+    @property
+    def arch_enabled(self) -> tf.Variable:
+        """Whether the architecture step runs (needs ``compile(freezable_arch=True)``)."""
+        return self._arch_enabled.variable
 
     @property
     def metrics(self):
@@ -232,7 +243,15 @@ class SearchModel(keras.Model):
 
     def train_step(self, data):
         (x_train, y_train), (x_val, y_val) = data
-        val_loss, val_pred = self.arch_step((x_train, y_train), (x_val, y_val))
+        if self.freezable_arch:
+            # Warm-up (PC-DARTS): while frozen, only evaluate the validation batch.
+            val_loss, val_pred = tf.cond(
+                self.arch_enabled,
+                lambda: self.arch_step((x_train, y_train), (x_val, y_val)),
+                lambda: self.architect.loss_at(self.architect.current_values(), x_val, y_val),
+            )
+        else:
+            val_loss, val_pred = self.arch_step((x_train, y_train), (x_val, y_val))
         loss, y_pred = self.weight_step(x_train, y_train)
 
         m = self._search_metrics

@@ -101,3 +101,45 @@ def test_ops_outside_the_space_are_named():
 def test_unknown_named_genotype():
     with pytest.raises(ValueError, match=r"Unknown genotype 'DARTS_V9'.*DARTS_V2"):
         genotype_lib.get_genotype("DARTS_V9")
+
+
+def _all_skip_weights():
+    """Hand-made normal-cell weights where skip_connect wins every edge, sep_conv_3x3 second."""
+    w = np.full((14, 8), 0.01)
+    w[:, DARTS_OPS.index("skip_connect")] = np.linspace(0.9, 0.5, 14)
+    w[:, DARTS_OPS.index("sep_conv_3x3")] = np.linspace(0.3, 0.2, 14)
+    return w
+
+
+def test_skip_cap_keeps_the_strongest_skips_and_replaces_the_rest():
+    w = _all_skip_weights()
+    plain = genotype_lib.derive_edges(w, DARTS_OPS, steps=4)
+    assert sum(op == "skip_connect" for op, _ in plain) == 8
+    capped = genotype_lib.cap_skips(w, DARTS_OPS, steps=4, max_skips=2)
+    skips = [(op, j) for op, j in capped if op == "skip_connect"]
+    assert len(skips) == 2
+    # The two kept are the strongest skip edges: rows 0 and 1 (node 0's inputs).
+    assert capped[:2] == (("skip_connect", 0), ("skip_connect", 1))
+    assert all(op == "sep_conv_3x3" for op, _ in capped[2:])
+    g = derive_genotype(w, w, DARTS_OPS, max_skips=2)
+    assert g.count("skip_connect", "normal") == 2 and g.count("skip_connect", "reduce") == 8
+
+
+def test_parameterised_path_constraint():
+    w = _all_skip_weights()
+    plain = genotype_lib.derive_edges(w, DARTS_OPS, steps=4)
+    assert genotype_lib.parameterised_depth(plain, (2, 3, 4, 5)) == 0
+    fixed = genotype_lib.enforce_parameterised_paths(plain, w, DARTS_OPS, (2, 3, 4, 5), min_ops=1)
+    assert genotype_lib.parameterised_depth(fixed, (2, 3, 4, 5)) == 1
+    # Only ops change, never which inputs a node reads.
+    assert [j for _, j in fixed] == [j for _, j in plain]
+    changed = [p for p, (a, b) in enumerate(zip(plain, fixed)) if a != b]
+    assert changed and all(fixed[p][0] == "sep_conv_3x3" for p in changed)
+    g = derive_genotype(w, w, DARTS_OPS, min_param_ops=1)
+    assert genotype_lib.parameterised_depth(g.normal, g.normal_concat) >= 1
+
+
+def test_impossible_path_constraint_is_a_clear_error():
+    w = _all_skip_weights()
+    with pytest.raises(ValueError, match=r"min_param_ops=2 is not possible.*shortest.*1 edge"):
+        derive_genotype(w, w, DARTS_OPS, min_param_ops=2)

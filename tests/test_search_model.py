@@ -12,6 +12,7 @@ from keras import layers
 
 import keras_das
 from keras_das import MixedOp
+from keras_das import remedies
 from keras_das.callbacks import MixingWeightsHistory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,3 +259,20 @@ def test_fixed_seed_and_deterministic_ops_give_identical_alphas():
     second = _run_script(DETERMINISM)
     assert first == second
     assert np.max(np.abs(np.asarray(first[0]))) > 1e-3  # the alphas did move
+
+
+def test_warmup_freezes_alphas_then_releases_them():
+    model, mix = _identity_or_conv_model()
+    search = keras_das.SearchModel(model)
+    search.compile(loss=LOGITS_CE, arch_optimizer=keras.optimizers.Adam(0.03), freezable_arch=True)
+    data, steps = _datasets()
+    before = mix.alpha.numpy().copy()
+    warmup = remedies.ArchWarmup(epochs=1)
+    search.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[warmup])
+    np.testing.assert_array_equal(mix.alpha.numpy(), before)
+    assert search.arch_optimizer.iterations.numpy() == 0
+    history = search.fit(
+        data, steps_per_epoch=steps, initial_epoch=1, epochs=2, verbose=0, callbacks=[warmup]
+    )
+    assert not np.array_equal(mix.alpha.numpy(), before)
+    assert np.isfinite(history.history["arch_val_loss"][0])
