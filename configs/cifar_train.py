@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
 
+    # The final network as a TF Serving SavedModel (workdir/export/<version>/) and TFLite.
+    config.export = ml_collections.ConfigDict({"enabled": True, "tflite": True})
+
     if preset in ("smoke", "cifar_smoke"):
         config.epochs = 2
         config.data.batch_size = 32

@@ -7,6 +7,7 @@ Workdir outputs, each written atomically:
     tensorboard/          losses, accuracies, learning rate
     checkpoints/          everything needed to resume
     model.keras           the final network (keras.models.load_model, with keras_das imported)
+    export/<version>/     the final network as a TF Serving SavedModel, and TFLite files
     train_summary.json    test accuracy and loss, parameters, wall time
 
 Running the same command again on the same workdir resumes from the last checkpoint.
@@ -169,6 +170,13 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     if chief:
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
             net.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
+        if config.export.enabled:
+            from keras_das.export import export
+
+            summary["export"] = export(
+                net, os.path.join(workdir, "export"), mean=info.mean, std=info.std,
+                tflite=config.export.tflite, overwrite=True,
+            )
         io_utils.atomic_write_text(
             os.path.join(workdir, "train_summary.json"), json.dumps(summary, indent=2) + "\n"
         )

@@ -17,7 +17,7 @@ from tests.binaries import run_binary
 SHARED_TFDS = data.default_shared_tfds_dir()
 
 
-def check_train_workdir(workdir, epochs):
+def check_train_workdir(workdir, epochs, tflite=True):
     with open(os.path.join(workdir, "train_summary.json")) as f:
         summary = json.load(f)
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_loss"])
@@ -38,6 +38,14 @@ def check_train_workdir(workdir, epochs):
             for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
                 tags.update(v.tag for v in event.summary.value)
     assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= tags
+    export = summary["export"]  # a new version per run: TF Serving serves the newest
+    assert os.path.dirname(export) == os.path.join(workdir, "export")
+    loaded = tf.saved_model.load(export)
+    images = np.zeros((2, 32, 32, 3), np.uint8)  # the smoke presets' image shape
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+    assert outputs["classes"].shape == (2,)
+    if tflite:
+        assert os.path.exists(os.path.join(export, "model.tflite"))
     return summary
 
 
@@ -78,6 +86,7 @@ def _config(**changes):
     config.epochs = 1
     config.model.num_cells, config.model.channels = 3, 4
     config.data.num_examples, config.data.num_test_examples = 128, 64
+    config.export.tflite = False  # the binary tests convert to TFLite; keep these quick
     for field, value in changes.items():
         section, _, name = field.rpartition(".")
         setattr(config[section] if section else config, name, value)
@@ -122,4 +131,4 @@ def test_retrain_resumes_after_the_last_checkpoint(tmp_path):
     assert first["resumed_from_epoch"] == 0
     second = train_lib.run(_config(epochs=2), workdir, verbose=0)
     assert second["resumed_from_epoch"] == 1
-    check_train_workdir(workdir, 2)
+    check_train_workdir(workdir, 2, tflite=False)
