@@ -7,6 +7,7 @@ from keras_das import schedules
 from keras_das.discrete_network import DiscreteNetwork
 from keras_das.discretize import discretize
 from keras_das.export import export
+from keras_das.fused_cell import FusedSearchCell
 from keras_das.genotype import DARTS_V1
 from keras_das.genotype import DARTS_V2
 from keras_das.genotype import GENOTYPES

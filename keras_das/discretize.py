@@ -73,7 +73,8 @@ def discretize(
         A Functional or Sequential Keras model without MixedOps.
 
     Raises:
-        ValueError: ``model`` contains no MixedOp, a MixedOp was never built, a shared-alpha
+        ValueError: ``model`` contains no MixedOp (the hint for a DARTS ``SearchNetwork``,
+            whose fused cells hold none, included), a MixedOp was never built, a shared-alpha
             MixedOp has no entry in ``choices``, ``choices`` names an unknown MixedOp or an
             index out of range, a MixedOp sits where the rebuild cannot reach it, or a layer
             other than a MixedOp holds architecture parameters.
@@ -84,6 +85,11 @@ def discretize(
         layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, MixedOp)
     ]
     if not mixed_ops:
+        if variables.arch_variables(model):  # e.g. a SearchNetwork of fused cells
+            raise ValueError(
+                f"Model {model.name!r} has architecture parameters but no MixedOp layer to "
+                f"replace {_DARTS_HINT}"
+            )
         raise ValueError(
             f"Model {model.name!r} contains no MixedOp; there is nothing to discretize"
         )

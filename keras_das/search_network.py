@@ -14,6 +14,8 @@ from keras_das import relaxations
 from keras_das import variables
 from keras_das.mixed_op import MixedOp
 
+CELL_IMPLEMENTATIONS = ("auto", "fused", "per_edge")
+
 
 def num_edges(steps: int) -> int:
     """Edges of a cell with ``steps`` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
@@ -137,6 +139,12 @@ class SearchNetwork(keras.Model):
         relaxation: see ``keras_das.relaxations``.
         temperature: initial temperature of the relaxation.
         seed: seeds the alphas and the Gumbel noise.
+        cell_implementation: ``fused`` (``keras_das.fused_cell.FusedSearchCell``: the ops
+            of all edges leaving a node computed together, several times fewer graph ops
+            and the same numbers), ``per_edge`` (``SearchCell``: a MixedOp per edge, the
+            reference) or ``auto`` (fused when every op in ``op_names`` can be fused,
+            else per-edge). The attribute and the config hold the resolved choice, so a
+            saved network reloads with the variables it was saved with.
     """
 
     owns_alpha = True  # the cells' MixedOps share its alphas
@@ -153,6 +161,7 @@ class SearchNetwork(keras.Model):
         relaxation="softmax",
         temperature=1.0,
         seed=None,
+        cell_implementation="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -181,6 +190,12 @@ class SearchNetwork(keras.Model):
         self.seed_generator = (
             keras.random.SeedGenerator(seed) if relaxation.startswith("gumbel") else None
         )
+        self.cell_implementation = _resolve_cell_implementation(cell_implementation, self.op_names)
+        cell_class = SearchCell
+        if self.cell_implementation == "fused":
+            from keras_das.fused_cell import FusedSearchCell  # imports this module
+
+            cell_class = FusedSearchCell
 
         self.stem = [
             layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
@@ -194,7 +209,7 @@ class SearchNetwork(keras.Model):
             if reduction:
                 c_curr *= 2
             self.cells.append(
-                SearchCell(
+                cell_class(
                     c_curr,
                     reduction,
                     reduction_prev,
@@ -292,7 +307,29 @@ class SearchNetwork(keras.Model):
             "relaxation": self.relaxation,
             "temperature": self.initial_temperature,
             "seed": self.seed,
+            "cell_implementation": self.cell_implementation,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Networks saved before the fused cell existed were per-edge.
+        return cls(**{"cell_implementation": "per_edge", **config})
+
+
+def _resolve_cell_implementation(name: str, op_names: Sequence[str]) -> str:
+    """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``."""
+    if name not in CELL_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown cell_implementation {name!r}; expected one of {list(CELL_IMPLEMENTATIONS)}"
+        )
+    if name == "per_edge":
+        return name
+    from keras_das import fused_cell  # imports this module
+
+    if name == "fused":
+        fused_cell.check_fusable(op_names)
+        return name
+    return "per_edge" if fused_cell.unfusable_ops(op_names) else "fused"
 
 
 def edge_names(steps: int) -> Sequence[str]:

@@ -269,7 +269,7 @@ def test_unbuilt_mixed_op():
 
 
 def test_search_network_points_to_the_genotype():
-    net = keras_das.SearchNetwork(
+    config = dict(
         num_classes=3,
         channels=4,
         num_cells=1,
@@ -277,6 +277,11 @@ def test_search_network_points_to_the_genotype():
         multiplier=1,
         op_names=("max_pool_3x3", "skip_connect"),
     )
+    fused = keras_das.SearchNetwork(**config)
+    fused(X)
+    with pytest.raises(ValueError, match=r"no MixedOp layer.*genotype.*DiscreteNetwork"):
+        keras_das.discretize(fused)
+    net = keras_das.SearchNetwork(**config, cell_implementation="per_edge")
     net(X)
     with pytest.raises(ValueError, match=r"owns_alpha=False.*genotype.*DiscreteNetwork"):
         keras_das.discretize(net)

@@ -1,0 +1,403 @@
+"""FusedSearchCell computes what the per-edge SearchCell computes, weights copied across."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_das
+from keras_das import FusedSearchCell
+from keras_das import SearchCell
+from keras_das import SearchNetwork
+from keras_das import fused_cell
+from keras_das import ops as ops_lib
+from keras_das import variables
+from keras_das.fused_cell import FusedBatchNorm
+from keras_das.search_network import num_edges
+from tests import testing
+
+LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+OP_SUBSETS = {
+    "darts": ops_lib.DARTS_OPS,
+    "convs": ("none", "conv_3x3", "skip_connect", "conv_5x5", "sep_conv_3x3"),
+    "parameter_free": ("max_pool_3x3", "none", "skip_connect", "avg_pool_3x3"),
+    "dil_only": ("dil_conv_5x5", "dil_conv_3x3"),
+}
+
+
+def _assert_close(actual, expected, rel, what, floor=1e-30):
+    """``max |actual - expected| <= rel * max(max |expected|, floor)``, same shapes.
+
+    ``floor`` is the scale of the quantities ``expected`` is computed from, where its own
+    values can be near zero (a batch mean of zero-mean features).
+    """
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, what
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    assert err <= rel * max(scale, floor), f"{what}: max error {err:.3g}, scale {scale:.3g}"
+
+
+def _cell_pair(reduction, reduction_prev, op_names, steps=4, multiplier=4, size=8, seed=0):
+    """A per-edge and a fused cell with the same weights, and inputs for them."""
+    channels = 4
+    rng = np.random.default_rng(seed)
+    s0_size = 2 * size if reduction_prev else size
+    s0 = tf.constant(rng.normal(size=(3, s0_size, s0_size, 6)).astype("float32"))
+    s1 = tf.constant(rng.normal(size=(3, size, size, 5)).astype("float32"))
+    logits = rng.normal(size=(num_edges(steps), len(op_names)))
+    w = tf.constant(keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)), "float32")
+    args = (channels, reduction, reduction_prev, op_names, steps, multiplier)
+    per_edge, fused = SearchCell(*args), FusedSearchCell(*args)
+    per_edge.build((s0.shape, s1.shape))
+    fused.build((s0.shape, s1.shape))
+    # Distinct batch-norm statistics, so that copying them is tested too (but alike for
+    # the pools of one state's edges, which see the same batches in any real training).
+    for layer in per_edge._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization) and not any(
+            layer is op.chain[1] for op in _pool_ops(per_edge)
+        ):
+            for v in layer.non_trainable_variables:
+                v.assign(rng.uniform(0.5, 1.5, size=v.shape).astype("float32"))
+    fused.copy_weights_from(per_edge)
+    return per_edge, fused, (s0, s1, w)
+
+
+def _pool_ops(cell):
+    return [op for mix in cell.edges for op in mix.ops if isinstance(op, ops_lib.PoolBN)]
+
+
+def _forward_and_grads(cell, s0, s1, w, training=True):
+    probe = tf.constant(
+        np.random.default_rng(7).normal(size=cell.compute_output_shape(None)[1:]), "float32"
+    )
+    with tf.GradientTape() as tape:
+        tape.watch([s0, s1, w])
+        y = cell([s0, s1], w, training=training)
+        loss = tf.reduce_sum(probe * y) + 0.1 * tf.reduce_sum(tf.square(y))
+    grads = tape.gradient(loss, [s0, s1, w, *cell.trainable_variables])
+    grads = [tf.convert_to_tensor(g) for g in grads]  # gathered rows give IndexedSlices
+    return y, grads[:3], dict(zip((id(v) for v in cell.trainable_variables), grads[3:]))
+
+
+def _mapped(fused, per_edge, by_id):
+    """Per-edge values (by variable id; others: current values) in the fused layout."""
+
+    def value_of(variable):
+        return keras.ops.convert_to_numpy(
+            by_id[id(variable)] if id(variable) in by_id else variable
+        )
+
+    return fused.per_edge_values(per_edge, value_of)
+
+
+@pytest.mark.parametrize(
+    "subset, layout",
+    [(name, "dense") for name in OP_SUBSETS] + [("darts", "tiled")],
+)
+@pytest.mark.parametrize(
+    "reduction, reduction_prev", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_fused_cell_matches_the_per_edge_cell(
+    subset, layout, reduction, reduction_prev, monkeypatch
+):
+    if layout == "tiled":  # the layout of sep and dil convs on more than 16 channels
+        monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
+    per_edge, fused, (s0, s1, w) = _cell_pair(reduction, reduction_prev, OP_SUBSETS[subset])
+    y_ref, input_grads_ref, grads_ref = _forward_and_grads(per_edge, s0, s1, w)
+    y, input_grads, grads = _forward_and_grads(fused, s0, s1, w)
+
+    _assert_close(y, y_ref, 1e-5, "outputs")
+    for name, g, g_ref in zip(("s0", "s1", "mixing weights"), input_grads, input_grads_ref):
+        _assert_close(g, g_ref, 1e-4, f"gradient w.r.t. {name}")
+    expected = _mapped(fused, per_edge, grads_ref)
+    assert {id(v) for v, _ in expected if v.trainable} == set(grads)
+    for variable, g_ref in expected:
+        if variable.trainable:
+            _assert_close(grads[id(variable)], g_ref, 1e-4, f"gradient of {variable.path}")
+    # Moving statistics after the training call. The fused cell keeps one batch norm for
+    # the pools of all edges leaving a state: those of the per-edge cell must stay equal.
+    for variable, value in fused.per_edge_values(per_edge):
+        if not variable.trainable:
+            _assert_close(variable.numpy(), value, 1e-5, f"{variable.path}", floor=1.0)
+    for i, name in enumerate(OP_SUBSETS[subset]):
+        for source in range(2 + per_edge.steps - 1) if "pool" in name else ():
+            stats = [
+                [v.numpy() for v in mix.ops[i].non_trainable_variables]
+                for mix in per_edge.edges
+                if mix.name.endswith(f"_{source}")
+            ]
+            assert len(stats) > 0
+            for other in stats[1:]:
+                for a, b in zip(stats[0], other):
+                    np.testing.assert_array_equal(a, b)
+    # Inference uses the (copied, then updated) moving statistics.
+    y_ref = per_edge([s0, s1], w, training=False)
+    _assert_close(fused([s0, s1], w, training=False), y_ref, 1e-5, "inference outputs")
+
+
+def test_odd_sizes_and_few_steps():
+    """FactorizedReduce and strided ops on a 7x7 input; 2 nodes, 1 concatenated."""
+    per_edge, fused, (s0, s1, w) = _cell_pair(
+        True, False, ops_lib.DARTS_OPS, steps=2, multiplier=1, size=7
+    )
+    y_ref, input_grads_ref, _ = _forward_and_grads(per_edge, s0, s1, w)
+    y, input_grads, _ = _forward_and_grads(fused, s0, s1, w)
+    assert tuple(y.shape) == (3, 4, 4, 4)
+    _assert_close(y, y_ref, 1e-5, "outputs")
+    for g, g_ref in zip(input_grads, input_grads_ref):
+        _assert_close(g, g_ref, 1e-4, "input gradients")
+
+
+def test_synchronized_batch_norm_falls_back_to_keras():
+    """Under a strategy every batch norm must sync: FusedBatchNorm then runs Keras's path."""
+    per_edge, fused, (s0, s1, w) = _cell_pair(False, False, ops_lib.DARTS_OPS, steps=2)
+    count = ops_lib.synchronize_batch_norm(fused)
+    assert count == sum(isinstance(x, FusedBatchNorm) for x in fused._flatten_layers())
+    assert count > 0
+    y_ref = per_edge([s0, s1], w, training=True)
+    _assert_close(fused([s0, s1], w, training=True), y_ref, 1e-5, "synchronized outputs")
+
+
+def test_config_round_trip_and_construction_errors():
+    cell = FusedSearchCell(8, reduction=True, op_names=("none", "skip_connect"), steps=2)
+    clone = FusedSearchCell.from_config(cell.get_config())
+    assert clone.get_config() == cell.get_config()
+    reference = SearchCell(8, reduction=True, op_names=("none", "skip_connect"), steps=2)
+    shared = ("channels", "reduction", "reduction_prev", "op_names", "steps", "multiplier")
+    assert {k: cell.get_config()[k] for k in shared} == {
+        k: reference.get_config()[k] for k in shared
+    }
+    with pytest.raises(ValueError, match=r"Unknown op 'conv_9x9'"):
+        FusedSearchCell(8, op_names=("none", "conv_9x9"))
+    per_edge = SearchCell(4, op_names=("none", "skip_connect"))
+    fused = FusedSearchCell(4, op_names=("none", "max_pool_3x3"))
+    with pytest.raises(ValueError, match=r"op_names: \['none', 'skip_connect'\] vs"):
+        fused.copy_weights_from(per_edge)
+
+
+@pytest.fixture
+def custom_ops():
+    """Registers 'my_conv' and re-registers 'sep_conv_3x3'; restores the registry after."""
+    saved = dict(ops_lib.OPS)
+    keras_das.register_op("my_conv", lambda c, s, affine: ops_lib.ReLUConvBN(c, 3, s, affine))
+    keras_das.register_op(
+        "sep_conv_3x3",
+        lambda c, s, affine: ops_lib.SepConv(c, 5, strides=s, affine=affine),
+        overwrite=True,
+    )
+    yield
+    ops_lib.OPS.clear()
+    ops_lib.OPS.update(saved)
+
+
+def test_unfusable_ops_fall_back_to_the_per_edge_cell(custom_ops):
+    for name in ("my_conv", "sep_conv_3x3"):
+        with pytest.raises(ValueError, match=rf"cannot fuse ops \['{name}'\].*fusable ops are"):
+            FusedSearchCell(4, op_names=("none", name))
+        net = SearchNetwork(channels=4, num_cells=3, op_names=("none", name))
+        assert net.cell_implementation == "per_edge"
+        assert all(type(cell) is SearchCell for cell in net.cells)
+        with pytest.raises(ValueError, match=rf"cannot fuse ops \['{name}'\]"):
+            SearchNetwork(channels=4, num_cells=3, op_names=(name,), cell_implementation="fused")
+
+
+def test_cell_implementation_argument():
+    net = SearchNetwork(channels=4, num_cells=3)
+    assert net.cell_implementation == "fused"
+    assert all(type(cell) is FusedSearchCell for cell in net.cells)
+    assert net.get_config()["cell_implementation"] == "fused"
+    per_edge = SearchNetwork(channels=4, num_cells=3, cell_implementation="per_edge")
+    assert all(type(cell) is SearchCell for cell in per_edge.cells)
+    with pytest.raises(
+        ValueError, match=r"'fast'; expected one of \['auto', 'fused', 'per_edge'\]"
+    ):
+        SearchNetwork(cell_implementation="fast")
+    # Configs saved before the argument existed describe per-edge networks.
+    config = net.get_config()
+    del config["cell_implementation"]
+    assert SearchNetwork.from_config(config).cell_implementation == "per_edge"
+
+
+def test_weight_count_is_the_reference_for_both_implementations():
+    """quark0/darts Network(C=8, num_classes=10, layers=5): 394,210 trainable weights."""
+    for implementation in ("fused", "per_edge"):
+        net = SearchNetwork(
+            num_classes=10, channels=8, num_cells=5, cell_implementation=implementation
+        )
+        net.build((None, 32, 32, 3))
+        assert variables.count_weights(keras_das.weight_variables(net)) == 394_210
+
+
+# -- whole networks ---------------------------------------------------------------------
+
+
+def _network_pair(op_names=ops_lib.DARTS_OPS, **kwargs):
+    config = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
+    config.update(kwargs)
+    per_edge = SearchNetwork(op_names=op_names, cell_implementation="per_edge", **config)
+    fused = SearchNetwork(op_names=op_names, cell_implementation="fused", **config)
+    for net in (per_edge, fused):
+        net.build((None, 8, 8, 3))
+    _copy_network(per_edge, fused)
+    return per_edge, fused
+
+
+def _copy_network(per_edge, fused):
+    for a, b in [*zip(per_edge.stem, fused.stem), (per_edge.classifier, fused.classifier)]:
+        b.set_weights(a.get_weights())
+    for a, b in zip(per_edge.cells, fused.cells):
+        b.copy_weights_from(a)
+    fused.alpha_normal.assign(per_edge.alpha_normal)
+    fused.alpha_reduce.assign(per_edge.alpha_reduce)
+
+
+def _network_grads(net, x, y):
+    with tf.GradientTape() as tape:
+        loss = LOGITS_CE(y, net(x, training=True))
+    grads = tape.gradient(loss, net.trainable_variables)
+    return loss, dict(zip((id(v) for v in net.trainable_variables), grads))
+
+
+def _expected_network_values(per_edge, fused, by_id):
+    """Per-edge values (by variable id) in the fused network's variables."""
+    pairs = []
+    for a, b in [*zip(per_edge.stem, fused.stem), (per_edge.classifier, fused.classifier)]:
+        pairs += [(v, by_id[id(u)]) for v, u in zip(b.trainable_variables, a.trainable_variables)]
+    for a, b in zip(per_edge.cells, fused.cells):
+        pairs += [(v, g) for v, g in _mapped(b, a, by_id) if v.trainable]
+    pairs += [
+        (fused.alpha_normal, by_id[id(per_edge.alpha_normal)]),
+        (fused.alpha_reduce, by_id[id(per_edge.alpha_reduce)]),
+    ]
+    return pairs
+
+
+def test_network_logits_and_gradients_match():
+    per_edge, fused = _network_pair()
+    x = testing.random_inputs((4, 8, 8, 3))
+    y = np.array([0, 1, 2, 0])
+    loss_ref, grads_ref = _network_grads(per_edge, x, y)
+    loss, grads = _network_grads(fused, x, y)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-5)
+    _assert_close(fused.predict(x, verbose=0), per_edge.predict(x, verbose=0), 1e-5, "logits")
+    expected = _expected_network_values(per_edge, fused, grads_ref)
+    assert len(expected) == len(grads) == len(fused.trainable_variables)
+    for variable, g_ref in expected:
+        _assert_close(grads[id(variable)], g_ref, 1e-4, f"gradient of {variable.path}")
+
+
+def test_fused_network_saves_and_reloads(tmp_path):
+    _, net = _network_pair()
+    x = testing.random_inputs((4, 8, 8, 3))
+    net(x, training=True)  # moves the batch-norm statistics away from their start
+    path = str(tmp_path / "net.keras")
+    net.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.cell_implementation == "fused"
+    assert all(type(cell) is FusedSearchCell for cell in reloaded.cells)
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), net.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
+    assert reloaded.genotype() == net.genotype()
+
+
+def _search_model(net, architect):
+    search = keras_das.SearchModel(net)
+    search.build((None, 8, 8, 3))
+    search.compile(loss=LOGITS_CE, architect=architect)
+    return search
+
+
+def _batches(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=8).astype("int32")
+    return (tf.constant(x[:4]), tf.constant(y[:4])), (tf.constant(x[4:]), tf.constant(y[4:]))
+
+
+@pytest.mark.parametrize("architect", ["first_order", "second_order"])
+def test_search_model_steps_with_fused_cells(architect):
+    net = SearchNetwork(
+        num_classes=3,
+        channels=4,
+        num_cells=3,
+        steps=2,
+        multiplier=2,
+        op_names=OP_SUBSETS["convs"],
+        seed=0,
+    )
+    assert net.cell_implementation == "fused"
+    search = _search_model(net, architect)
+    train, val = _batches()
+    data = tf.data.Dataset.from_tensors((train, val))
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    history = search.fit(data, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = [v.numpy() for v in net.trainable_variables]
+    changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
+    alphas = [variables.is_arch_variable(v) for v in net.trainable_variables]
+    assert all(c for c, a in zip(changed, alphas) if a)  # both alphas moved
+    assert sum(c for c, a in zip(changed, alphas) if not a) > 0.9 * (len(alphas) - 2)
+
+
+def test_exact_architect_agrees_across_implementations(monkeypatch):
+    """Second derivatives through the fused cell: the hypergradient of the ``exact``
+    architect (nested tapes through the virtual step) equals the per-edge one.
+
+    Both cells must then run the same batch-norm math: ``BatchNormalization``'s second
+    derivatives are not exact (``tf.nn.moments`` stops the gradient of the mean inside the
+    variance, which leaves the first derivative right and the second one off; see
+    ``test_fused_batch_norm_second_derivatives``), the fused kernel's are.
+    """
+    monkeypatch.setattr(fused_cell, "_BN_KERNEL", "keras")
+    per_edge, fused = _network_pair(op_names=OP_SUBSETS["convs"] + ("max_pool_3x3",))
+    train, val = _batches(1)
+    grads = []
+    for net in (per_edge, fused):
+        search = _search_model(net, "exact")
+        g, loss, _ = search.architect.exact(train, val)
+        assert np.isfinite(float(loss))
+        grads.append([keras.ops.convert_to_numpy(t) for t in g])
+    for g, g_ref, name in zip(grads[1], grads[0], ("alpha_normal", "alpha_reduce")):
+        assert np.abs(g_ref).max() > 0, name
+        _assert_close(g, g_ref, 1e-4, f"exact hypergradient of {name}")
+
+
+def _batch_norm_reference(x, scale, epsilon=ops_lib.BN_EPSILON):
+    """Batch norm in plain float64 ops, whose derivatives of any order are exact."""
+    mean = tf.reduce_mean(x, [0, 1, 2])
+    variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
+    return (x - mean) * tf.math.rsqrt(variance + epsilon) * scale
+
+
+def _hessian_vector_product(f, x, scale, vector):
+    with tf.GradientTape() as outer:
+        outer.watch([x, scale])
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(tf.sin(f(x, scale)))
+        grad = inner.gradient(loss, x)
+        projected = tf.reduce_sum(grad * vector)
+    return [grad, *outer.gradient(projected, [x, scale])]
+
+
+def test_fused_batch_norm_second_derivatives():
+    rng = np.random.default_rng(3)
+    x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
+    scale = rng.normal(size=(6,))
+    bn = fused_cell.FusedBatchNorm(center=False, scale=False, epsilon=ops_lib.BN_EPSILON)
+    bn.build(x.shape)
+
+    def fused(x, scale):
+        return bn(x, training=True, scale=scale)
+
+    expected = _hessian_vector_product(
+        _batch_norm_reference, *(tf.constant(a, "float64") for a in (x, scale, vector))
+    )
+    actual = _hessian_vector_product(
+        fused, *(tf.constant(a, "float32") for a in (x, scale, vector))
+    )
+    for a, e, what in zip(actual, expected, ("gradient", "Hv w.r.t. x", "Hv w.r.t. scale")):
+        _assert_close(a, e, 1e-5, what)
