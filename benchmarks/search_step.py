@@ -11,6 +11,7 @@ fixed cost of the TensorFlow runtime).
 
     python benchmarks/search_step.py                 # every size and mode
     python benchmarks/search_step.py --sizes S --modes first_order --steps 5
+    python benchmarks/search_step.py --implementation per_edge   # the per-edge cells
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _rss_gb() -> float:
     return float("nan")
 
 
-def measure(size: str, mode: str, steps: int, warmup: int) -> dict:
+def measure(size: str, mode: str, steps: int, warmup: int, implementation: str) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
     import tensorflow as tf
@@ -62,7 +63,10 @@ def measure(size: str, mode: str, steps: int, warmup: int) -> dict:
     spec = SIZES[size]
     keras.utils.set_random_seed(0)
     net = keras_das.SearchNetwork(
-        num_classes=10, channels=spec["channels"], num_cells=spec["num_cells"]
+        num_classes=10,
+        channels=spec["channels"],
+        num_cells=spec["num_cells"],
+        cell_implementation=implementation,
     )
     search = keras_das.SearchModel(net)
     search.build((None, 32, 32, 3))
@@ -98,6 +102,7 @@ def measure(size: str, mode: str, steps: int, warmup: int) -> dict:
     return {
         "size": size,
         "mode": mode,
+        "implementation": implementation,
         "s_per_step": median,
         "images_per_s": batch / median,
         "first_step_s": trace_s,
@@ -115,14 +120,21 @@ def main():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first traces")
+    parser.add_argument(
+        "--implementation",
+        default="fused",
+        choices=("fused", "per_edge"),
+        help="the search cells: FusedSearchCell or the per-edge SearchCell",
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps, args.warmup)))
+        print(json.dumps(measure(*args.child, args.steps, args.warmup, args.implementation)))
         return
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     rows = []
+    print(f"cells: {args.implementation}")
     header = (
         f"{'size':4} {'mode':13} {'s/step':>8} {'img/s':>7} {'peak GB':>8} {'runtime GB':>10}"
         f" {'1st step s':>10} | {'ref s/step':>10} {'ref GB':>7}"
@@ -141,6 +153,8 @@ def main():
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                "--implementation",
+                args.implementation,
             ]
             result = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if result.returncode:
