@@ -1,8 +1,10 @@
 """keras_das: differentiable neural architecture search (the DARTS family) for Keras 3."""
 
+from keras_das import latency
 from keras_das import ops
 from keras_das import plot
 from keras_das import relaxations
+from keras_das import remedies
 from keras_das import schedules
 from keras_das.discrete_network import DiscreteNetwork
 from keras_das.discretize import discretize

@@ -39,6 +39,9 @@ class MixedOp(layers.Layer):
         owns_alpha: create ``alpha`` here, or expect ``mixing_weights`` at call time.
         alpha_initializer: initializer of ``alpha``; default ``1e-3 * N(0, 1)`` as in DARTS.
         seed: seeds alpha's initializer and the Gumbel noise.
+        partial_channels: PC-DARTS's K: only the first 1/K of the input channels go through
+            the candidates; the rest bypass them (max-pooled 2x2 at stride 2), and the two
+            parts are channel-shuffled together. Needs an output as wide as the input.
 
     Example:
         >>> gate = MixedOp(["max_pool_3x3", "avg_pool_3x3"], relaxation="gate")
@@ -58,6 +61,7 @@ class MixedOp(layers.Layer):
         owns_alpha=True,
         alpha_initializer=None,
         seed=None,
+        partial_channels=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,6 +76,8 @@ class MixedOp(layers.Layer):
                     f"A candidate must be an op name or a keras Layer, got {candidate!r}"
                 )
         relaxations.check_relaxation(relaxation, len(candidates))
+        if not isinstance(partial_channels, int) or partial_channels < 1:
+            raise ValueError(f"partial_channels must be a positive int, got {partial_channels!r}")
         if channels is not None and (not isinstance(channels, int) or channels < 1):
             raise ValueError(f"channels must be a positive int or None, got {channels!r}")
         if strides not in (1, 2):
@@ -86,6 +92,7 @@ class MixedOp(layers.Layer):
         self.owns_alpha = owns_alpha
         self.alpha_initializer = keras.initializers.get(alpha_initializer)
         self.seed = seed
+        self.partial_channels = partial_channels
         self.candidate_names = tuple(c if isinstance(c, str) else c.name for c in candidates)
         self.seed_generator = (
             keras.random.SeedGenerator(seed)
@@ -105,7 +112,20 @@ class MixedOp(layers.Layer):
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        width = self.channels or input_shape[-1]
+        channels = self.channels  # the width the candidates are brought to
+        full_channels = input_shape[-1]
+        if self.partial_channels > 1:
+            k = self.partial_channels
+            if full_channels % k or channels not in (None, full_channels):
+                raise ValueError(
+                    f"MixedOp {self.name!r}: partial_channels={k} needs input channels divisible "
+                    f"by it and an output as wide as the input (input {full_channels}, "
+                    f"channels={channels})"
+                )
+            # The candidates see (and produce) the first 1/k of the channels.
+            input_shape = input_shape[:-1] + (full_channels // k,)
+            channels = full_channels // k
+        width = channels or input_shape[-1]
         ops = [None] * len(self.candidates)
         shapes = [None] * len(self.candidates)
         for i, candidate in enumerate(self.candidates):
@@ -124,7 +144,7 @@ class MixedOp(layers.Layer):
                 f"MixedOp {self.name!r}: candidates disagree on spatial shape ({detail}); "
                 "channel adapters fix widths only"
             )
-        self.output_channels = self.channels or max(s[-1] for _, s in known)
+        self.output_channels = channels or max(s[-1] for _, s in known)
         self.adapters = []
         for i in range(len(self.candidates)):
             if ops[i] is None:
@@ -137,7 +157,8 @@ class MixedOp(layers.Layer):
                 adapter.build(shapes[i])
             self.adapters.append(adapter)
         self.ops = ops
-        self._output_shape = shapes[0][:-1] + (self.output_channels,)
+        out_channels = full_channels if self.partial_channels > 1 else self.output_channels
+        self._output_shape = shapes[0][:-1] + (out_channels,)
         if self.owns_alpha:
             size = relaxations.alpha_size(self.relaxation, len(self.candidates))
             initializer = self.alpha_initializer
@@ -178,6 +199,16 @@ class MixedOp(layers.Layer):
         if mixing_weights is None:
             mixing_weights = self.compute_mixing_weights(bool(training))
         mixing_weights = keras.ops.cast(mixing_weights, self.compute_dtype)
+        if self.partial_channels > 1:
+            return partial_channel_mix(
+                inputs,
+                self.partial_channels,
+                self.strides,
+                lambda x: self._mix(x, mixing_weights, training),
+            )
+        return self._mix(inputs, mixing_weights, training)
+
+    def _mix(self, inputs, mixing_weights, training):
         out = None
         for i, (op, adapter) in enumerate(zip(self.ops, self.adapters)):
             if getattr(op, "is_zero", False):
@@ -229,6 +260,7 @@ class MixedOp(layers.Layer):
             if self.alpha_initializer is not None
             else None,
             "seed": self.seed,
+            "partial_channels": self.partial_channels,
         }
 
     @classmethod
@@ -238,6 +270,28 @@ class MixedOp(layers.Layer):
             c if isinstance(c, str) else keras.layers.deserialize(c) for c in config["candidates"]
         ]
         return cls(**config)
+
+
+def channel_shuffle(x, groups: int):
+    """Interleaves ``groups`` equal channel groups (ShuffleNet; PyTorch's view-transpose)."""
+    shape = keras.ops.shape(x)
+    c = x.shape[-1]
+    x = keras.ops.reshape(x, (-1, shape[1], shape[2], groups, c // groups))
+    x = keras.ops.transpose(x, (0, 1, 2, 4, 3))
+    return keras.ops.reshape(x, (-1, shape[1], shape[2], c))
+
+
+def partial_channel_mix(inputs, k: int, strides: int, mix):
+    """PC-DARTS: ``mix`` the first 1/k of the channels, bypass the rest, shuffle.
+
+    The bypassed channels are max-pooled 2x2 at stride 2 so that both parts agree in size.
+    """
+    c = inputs.shape[-1]
+    mixed = mix(inputs[..., : c // k])
+    rest = inputs[..., c // k :]
+    if strides == 2:
+        rest = keras.ops.max_pool(rest, 2, 2, padding="same")
+    return channel_shuffle(keras.ops.concatenate([mixed, rest], axis=-1), k)
 
 
 def _channel_adapter(width: int, rank: int) -> layers.Layer:

@@ -32,8 +32,10 @@ from keras_das import data
 from keras_das import distribution
 from keras_das import experiment
 from keras_das import io_utils
+from keras_das import latency as latency_lib
 from keras_das import ops as ops_lib
 from keras_das import relaxations
+from keras_das import remedies as remedies_lib
 from keras_das.schedules import EpochCosineDecay
 from keras_das.search_model import SearchModel
 from keras_das.search_model import pair_datasets
@@ -82,6 +84,31 @@ def validate_config(config) -> None:
         raise ValueError(
             f"config.optimizer.lr_min must be in [0, lr={config.optimizer.lr}], got {config.optimizer.lr_min!r}"
         )
+    r = config.remedies
+    experiment.check_field(
+        "remedies.temperature.schedule",
+        remedies_lib.schedule_value,
+        r.temperature.schedule,
+        r.temperature.start,
+        r.temperature.end,
+        0.0,
+    )
+    if r.zero_one.enabled and config.model.relaxation not in ("sigmoid", "gate"):
+        raise ValueError(
+            "config.remedies.zero_one acts on sigmoid weights; set config.model.relaxation="
+            f"'sigmoid' (got {config.model.relaxation!r})"
+        )
+    if r.partial_channels.enabled:
+        experiment.check_positive(config, "remedies.partial_channels.k")
+        if config.model.channels % r.partial_channels.k:
+            raise ValueError(
+                f"config.remedies.partial_channels.k={r.partial_channels.k} must divide "
+                f"config.model.channels={config.model.channels}"
+            )
+    if r.warmup.enabled and not 0 <= r.warmup.epochs:
+        raise ValueError(f"config.remedies.warmup.epochs must be >= 0, got {r.warmup.epochs!r}")
+    if r.latency.table and not os.path.exists(r.latency.table):
+        raise ValueError(f"config.remedies.latency.table={r.latency.table!r} does not exist")
     if config.optimizer.grad_clip is not None and not config.optimizer.grad_clip > 0:
         raise ValueError(
             f"config.optimizer.grad_clip must be > 0 or None, got {config.optimizer.grad_clip!r}"
@@ -89,7 +116,12 @@ def validate_config(config) -> None:
 
 
 def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> SearchModel:
-    """The supernet and its SearchModel, compiled as the config says (call under the strategy)."""
+    """The supernet and its SearchModel, compiled as the config says (call under the strategy).
+
+    The remedies the config switches on become architecture penalties here; their
+    callbacks come from ``remedy_callbacks``.
+    """
+    remedies = config.remedies
     net = SearchNetwork(
         num_classes=info.num_classes,
         channels=config.model.channels,
@@ -101,9 +133,20 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
         relaxation=config.model.relaxation,
         temperature=config.model.temperature,
         seed=config.seed,
+        **derivation_options(config),
+        **cell_options(config),
     )
     search = SearchModel(net)
     search.build((None, *info.image_shape))
+    penalties = []
+    if remedies.l1.enabled:
+        penalties.append(remedies_lib.l1_penalty(remedies.l1.weight))
+    if remedies.zero_one.enabled:
+        penalties.append(remedies_lib.zero_one_penalty(remedies.zero_one.weight))
+    if remedies.latency.enabled:
+        penalties.append(
+            remedies_lib.latency_penalty(remedies.latency.weight, latency_tables(config, net, info))
+        )
     lr = EpochCosineDecay(
         config.optimizer.lr, config.epochs, steps_per_epoch, config.optimizer.lr_min
     )
@@ -118,10 +161,68 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
         weight_decay=config.optimizer.weight_decay,
         arch_weight_decay=config.arch.weight_decay,
         grad_clip=config.optimizer.grad_clip,
+        arch_penalties=penalties,
+        freezable_arch=remedies.warmup.enabled,
         jit_compile=config.jit_compile,
         steps_per_execution=config.steps_per_execution,
     )
     return search
+
+
+def derivation_options(config) -> dict:
+    """The derivation constraints the remedies switch on (P-DARTS skip cap, param paths)."""
+    r = config.remedies
+    return {
+        "genotype_max_skips": r.skip_cap.max_skips if r.skip_cap.enabled else None,
+        "genotype_min_param_ops": r.param_paths.min_param_ops if r.param_paths.enabled else 0,
+    }
+
+
+def cell_options(config) -> dict:
+    """Partial channels (PC-DARTS) and the auxiliary skip (DARTS-) of the search cells."""
+    r = config.remedies
+    return {
+        "partial_channels": r.partial_channels.k if r.partial_channels.enabled else 1,
+        "edge_normalization": bool(
+            r.partial_channels.enabled and r.partial_channels.edge_normalization
+        ),
+        "aux_skip": bool(r.aux_skip.enabled),
+    }
+
+
+def latency_tables(config, net, info) -> dict:
+    """Per-cell-type latency tables for the expected-latency penalty (measured and cached,
+    or read from ``remedies.latency.table``)."""
+    given = config.remedies.latency.table
+    table = latency_lib.LatencyTable(
+        given or None, batch_size=config.remedies.latency.batch_size, measure_missing=not given
+    )
+    tables = latency_lib.search_network_tables(net, table, info.image_shape)
+    if table.measured:
+        logging.info("Measured %d op latencies; cached in %s", table.measured, table.path)
+        table.save()
+    return tables
+
+
+def remedy_callbacks(config) -> tuple[list, remedies_lib.EarlyStopSearch | None]:
+    """The callbacks of the remedies the config switches on (and the early stopper)."""
+    r = config.remedies
+    callbacks = []
+    if r.temperature.schedule != "constant":
+        callbacks.append(
+            remedies_lib.TemperatureSchedule(
+                r.temperature.schedule, r.temperature.start, r.temperature.end, config.epochs
+            )
+        )
+    if r.aux_skip.enabled:
+        callbacks.append(remedies_lib.AuxiliarySkipSchedule(r.aux_skip.beta, config.epochs))
+    if r.warmup.enabled:
+        callbacks.append(remedies_lib.ArchWarmup(r.warmup.epochs))
+    early = None
+    if r.early_stop.enabled:
+        early = remedies_lib.EarlyStopSearch(r.early_stop.max_skips, r.early_stop.stable_epochs)
+        callbacks.append(early)
+    return callbacks, early
 
 
 def run(config, workdir: str, verbose: int | str = "auto") -> dict:
@@ -181,6 +282,8 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             {"learning_rate": search.weight_optimizer, "arch_learning_rate": search.arch_optimizer}
         ),
     ]
+    extra, early_stop = remedy_callbacks(config)
+    callbacks[2:2] = extra  # before checkpointing, so that state they set is saved
     if chief:
         tensorboard = os.path.join(workdir, "tensorboard")
         callbacks += [
@@ -192,7 +295,9 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
 
     summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
     start = time.time()
-    if initial_epoch < config.epochs:
+    # A search that stopped early (DARTS+) is finished: a rerun does not continue it.
+    early_stop_path = os.path.join(workdir, "early_stop.json")
+    if initial_epoch < config.epochs and not os.path.exists(early_stop_path):
         train, val, _, steps = data.search_datasets(
             config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
         )
@@ -208,8 +313,16 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         if nan_guard.failure is not None:
             raise FloatingPointError(nan_guard.message(shared.latest()))
         summary["final_metrics"] = {k: float(v[-1]) for k, v in history.history.items()}
+        if early_stop is not None and early_stop.stopped_epoch is not None and chief:
+            stopped = {"epoch": early_stop.stopped_epoch + 1, "reason": early_stop.reason}
+            io_utils.atomic_write_text(early_stop_path, json.dumps(stopped) + "\n")
+    if os.path.exists(early_stop_path):
+        with open(early_stop_path) as f:
+            summary["early_stop"] = json.load(f)
     summary["wall_time_s"] = time.time() - start
     genotype = net.genotype()
+    if config.remedies.gap_report.enabled and chief:
+        summary["gap_report"] = write_gap_report(config, search, genotype, info, workdir)
     summary["genotype"] = genotype.to_dict()
     summary["skip_connections"] = {
         c: genotype.count("skip_connect", c) for c in ("normal", "reduce")
@@ -224,3 +337,29 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         os.path.join(summary_dir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
     )
     return summary
+
+
+def write_gap_report(config, search, genotype, info, workdir) -> dict:
+    """Writes ``gap_report.json``: supernet vs derived network, and the derived net's cost."""
+    from keras_das import gap_report
+
+    train, val, _, steps = data.search_datasets(
+        config.data, config.data.batch_size, config.seed + 1
+    )
+    result = gap_report.report(
+        search,
+        genotype,
+        train,
+        val,
+        steps,
+        info.image_shape,
+        info.num_classes,
+        recalibration_steps=min(config.remedies.gap_report.recalibration_batches, steps),
+    )
+    if config.remedies.latency.enabled:
+        tables = latency_tables(config, search.supernet, info)
+        result["expected_latency_ms"] = remedies_lib.expected_latency(search.supernet, tables)
+    io_utils.atomic_write_text(
+        os.path.join(workdir, "gap_report.json"), json.dumps(result, indent=2) + "\n"
+    )
+    return result

@@ -43,7 +43,10 @@ class SearchCell(layers.Layer):
     edges from the inputs have stride 2. The MixedOps share the mixing weights the network
     passes in (``[num_edges, num_ops]``).
 
-    Call with ``cell([s0, s1], mixing_weights)``.
+    Call with ``cell([s0, s1], mixing_weights)``; optionally ``edge_weights`` (``[num_edges]``,
+    PC-DARTS's edge normalisation: each edge's output is scaled by its weight) and
+    ``aux_skip_beta`` (DARTS-: every stride-1 edge also adds ``beta * input``).
+    ``partial_channels`` is PC-DARTS's K (see ``MixedOp``).
     """
 
     def __init__(
@@ -54,9 +57,11 @@ class SearchCell(layers.Layer):
         op_names=ops_lib.DARTS_OPS,
         steps=4,
         multiplier=4,
+        partial_channels=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.partial_channels = partial_channels
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
@@ -76,6 +81,7 @@ class SearchCell(layers.Layer):
                         strides=strides,
                         affine=False,
                         owns_alpha=False,
+                        partial_channels=partial_channels,
                         name=f"edge_{node}_{j}",
                     )
                 )
@@ -96,14 +102,18 @@ class SearchCell(layers.Layer):
     def compute_output_shape(self, input_shape):
         return self._output_shape
 
-    def call(self, inputs, mixing_weights, training=None):
+    def call(self, inputs, mixing_weights, edge_weights=None, aux_skip_beta=None, training=None):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         edge = 0
         for _ in range(self.steps):
             total = None
-            for h in states:
+            for j, h in enumerate(states):
                 out = self.edges[edge](h, mixing_weights=mixing_weights[edge], training=training)
+                if aux_skip_beta is not None and not (self.reduction and j < 2):
+                    out = out + keras.ops.cast(aux_skip_beta, out.dtype) * h
+                if edge_weights is not None:
+                    out = keras.ops.cast(edge_weights[edge], out.dtype) * out
                 total = out if total is None else total + out
                 edge += 1
             states.append(total)
@@ -118,7 +128,18 @@ class SearchCell(layers.Layer):
             "op_names": list(self.op_names),
             "steps": self.steps,
             "multiplier": self.multiplier,
+            "partial_channels": self.partial_channels,
         }
+
+
+def edge_normalization_weights(betas, steps: int):
+    """PC-DARTS's edge weights: a softmax over each node's incoming edges' betas."""
+    parts = []
+    start = 0
+    for node in range(steps):
+        parts.append(keras.ops.softmax(betas[start : start + 2 + node], axis=-1))
+        start += 2 + node
+    return keras.ops.concatenate(parts, axis=0)
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -139,6 +160,10 @@ class SearchNetwork(keras.Model):
         relaxation: see ``keras_das.relaxations``.
         temperature: initial temperature of the relaxation.
         seed: seeds the alphas and the Gumbel noise.
+        genotype_max_skips: P-DARTS's cap on skip connections in the derived normal cell
+            (None: none), used by ``genotype()``.
+        genotype_min_param_ops: every input-to-output path of the derived normal cell
+            passes this many parameterised ops (0: no constraint), used by ``genotype()``.
         cell_implementation: ``fused`` (``keras_das.fused_cell.FusedSearchCell``: the ops
             of all edges leaving a node computed together, several times fewer graph ops
             and the same numbers), ``per_edge`` (``SearchCell``: a MixedOp per edge, the
@@ -162,6 +187,11 @@ class SearchNetwork(keras.Model):
         temperature=1.0,
         seed=None,
         cell_implementation="auto",
+        genotype_max_skips=None,
+        genotype_min_param_ops=0,
+        partial_channels=1,
+        edge_normalization=False,
+        aux_skip=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -187,10 +217,28 @@ class SearchNetwork(keras.Model):
         self.relaxation = relaxations.check_relaxation(relaxation, len(self.op_names))
         self.initial_temperature = relaxations.check_temperature(temperature)
         self.seed = seed
+        self.genotype_max_skips = genotype_max_skips
+        self.genotype_min_param_ops = genotype_min_param_ops
+        if (
+            not isinstance(partial_channels, int)
+            or partial_channels < 1
+            or channels % partial_channels
+        ):
+            raise ValueError(
+                f"partial_channels must be a positive int dividing channels={channels}, got "
+                f"{partial_channels!r}"
+            )
+        self.partial_channels = partial_channels
+        self.edge_normalization = bool(edge_normalization)
+        self.aux_skip = bool(aux_skip)
         self.seed_generator = (
             keras.random.SeedGenerator(seed) if relaxation.startswith("gumbel") else None
         )
-        self.cell_implementation = _resolve_cell_implementation(cell_implementation, self.op_names)
+        self.cell_implementation = _resolve_cell_implementation(
+            cell_implementation,
+            self.op_names,
+            extras=partial_channels > 1 or self.edge_normalization or self.aux_skip,
+        )
         cell_class = SearchCell
         if self.cell_implementation == "fused":
             from keras_das.fused_cell import FusedSearchCell  # imports this module
@@ -217,6 +265,7 @@ class SearchNetwork(keras.Model):
                     steps,
                     multiplier,
                     name=f"cell_{i}",
+                    **({"partial_channels": partial_channels} if partial_channels > 1 else {}),
                 )
             )
             reduction_prev = reduction
@@ -249,6 +298,13 @@ class SearchNetwork(keras.Model):
             initializer=keras.initializers.Constant(self.initial_temperature),
             trainable=False,
         )
+        if self.edge_normalization:  # PC-DARTS: one beta per edge, softmax per node
+            self.beta_normal = variables.add_arch_weight(self, "beta_normal", (edges,), seed=seed)
+            self.beta_reduce = variables.add_arch_weight(self, "beta_reduce", (edges,), seed=seed)
+        if self.aux_skip:  # DARTS-: set by keras_das.remedies.AuxiliarySkipSchedule
+            self.aux_skip_beta = self.add_weight(
+                name="aux_skip_beta", shape=(), initializer="ones", trainable=False
+            )
 
     def compute_mixing_weights(self, training=False):
         """``(normal, reduce)`` mixing weights, ``[num_edges, num_ops]`` each."""
@@ -263,15 +319,31 @@ class SearchNetwork(keras.Model):
         """``{"normal": ..., "reduce": ...}`` (see ``keras_das.variables.arch_owners``)."""
         return dict(zip(("normal", "reduce"), self.compute_mixing_weights(training)))
 
-    def call(self, inputs, training=None):
-        weights_normal, weights_reduce = self.compute_mixing_weights(bool(training))
+    def call(self, inputs, training=None, mixing_weights=None):
+        """Logits; ``mixing_weights=(normal, reduce)`` replaces the alphas' weights, e.g.
+        ``genotype_weights(g)``: the derived network with the weights it inherits (then
+        without edge normalisation or the auxiliary skip, which belong to the mixture)."""
+        # Given weights describe a discrete choice: evaluated as such, without PC-DARTS's
+        # edge weights or DARTS-'s auxiliary skip.
+        mixture = mixing_weights is None
+        if mixture:
+            mixing_weights = self.compute_mixing_weights(bool(training))
+        weights_normal, weights_reduce = mixing_weights
+        use_edges = mixture and self.edge_normalization
+        edge_normal, edge_reduce = self.edge_weights() if use_edges else (None, None)
+        aux_skip_beta = self.aux_skip_beta if mixture and self.aux_skip else None
         x = inputs
         for layer in self.stem:
             x = layer(x, training=training)
         s0 = s1 = x
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
-            s0, s1 = s1, cell([s0, s1], mixing_weights=weights, training=training)
+            extras = {}
+            if use_edges:
+                extras["edge_weights"] = edge_reduce if cell.reduction else edge_normal
+            if aux_skip_beta is not None:
+                extras["aux_skip_beta"] = aux_skip_beta
+            s0, s1 = s1, cell([s0, s1], mixing_weights=weights, training=training, **extras)
         return self.classifier(self.global_pool(s1))
 
     def get_mixing_weights(self) -> dict[str, np.ndarray]:
@@ -282,9 +354,40 @@ class SearchNetwork(keras.Model):
             "reduce": keras.ops.convert_to_numpy(reduce),
         }
 
-    def genotype(self, k: int = 2) -> genotype_lib.Genotype:
-        """The architecture the current alphas choose, by the DARTS rule."""
+    def edge_weights(self):
+        """PC-DARTS edge-normalisation weights ``(normal, reduce)``, ``[num_edges]`` each."""
+        return tuple(
+            edge_normalization_weights(b, self.steps) for b in (self.beta_normal, self.beta_reduce)
+        )
+
+    def genotype_weights(self, genotype: genotype_lib.Genotype):
+        """One-hot mixing weights ``(normal, reduce)`` on the (edge, op) pairs ``genotype``
+        keeps, zero on every other edge: with them the supernet computes the derived
+        network with the weights it inherits."""
+        out = []
+        for gene in (genotype.normal, genotype.reduce):
+            w = np.zeros((num_edges(self.steps), len(self.op_names)), np.float32)
+            for position, (op, j) in enumerate(gene):
+                node = position // genotype.inputs_per_node
+                w[num_edges(node) + j, self.op_names.index(op)] = 1.0
+            out.append(keras.ops.convert_to_tensor(w, dtype=self.compute_dtype))
+        return tuple(out)
+
+    def genotype(self, k: int = 2, max_skips=None, min_param_ops=None) -> genotype_lib.Genotype:
+        """The architecture the current alphas choose, by the DARTS rule.
+
+        ``max_skips`` and ``min_param_ops`` constrain the normal cell (see
+        ``keras_das.genotype.derive_genotype``); they default to the network's
+        ``genotype_max_skips`` / ``genotype_min_param_ops``.
+        """
+        if max_skips is None:
+            max_skips = self.genotype_max_skips
+        if min_param_ops is None:
+            min_param_ops = self.genotype_min_param_ops
         weights = self.get_mixing_weights()
+        if self.edge_normalization:  # PC-DARTS ranks edges by op weight times edge weight
+            for cell, edge in zip(("normal", "reduce"), self.edge_weights()):
+                weights[cell] = weights[cell] * keras.ops.convert_to_numpy(edge)[:, None]
         return genotype_lib.derive_genotype(
             weights["normal"],
             weights["reduce"],
@@ -292,6 +395,8 @@ class SearchNetwork(keras.Model):
             self.steps,
             k,
             concat=range(2 + self.steps - self.multiplier, 2 + self.steps),
+            max_skips=max_skips,
+            min_param_ops=min_param_ops,
         )
 
     def get_config(self):
@@ -307,6 +412,11 @@ class SearchNetwork(keras.Model):
             "relaxation": self.relaxation,
             "temperature": self.initial_temperature,
             "seed": self.seed,
+            "partial_channels": self.partial_channels,
+            "edge_normalization": self.edge_normalization,
+            "aux_skip": self.aux_skip,
+            "genotype_max_skips": self.genotype_max_skips,
+            "genotype_min_param_ops": self.genotype_min_param_ops,
             "cell_implementation": self.cell_implementation,
         }
 
@@ -316,14 +426,23 @@ class SearchNetwork(keras.Model):
         return cls(**{"cell_implementation": "per_edge", **config})
 
 
-def _resolve_cell_implementation(name: str, op_names: Sequence[str]) -> str:
-    """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``."""
+def _resolve_cell_implementation(name: str, op_names: Sequence[str], extras: bool = False) -> str:
+    """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``.
+
+    ``extras``: partial channels, edge normalisation or the auxiliary skip are on; the
+    fused cell does not implement them yet, so ``auto`` picks the per-edge cell.
+    """
     if name not in CELL_IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown cell_implementation {name!r}; expected one of {list(CELL_IMPLEMENTATIONS)}"
         )
-    if name == "per_edge":
-        return name
+    if name == "per_edge" or (name == "auto" and extras):
+        return "per_edge"
+    if extras:
+        raise ValueError(
+            "cell_implementation='fused' does not support partial_channels, edge_normalization "
+            "or aux_skip yet; use 'per_edge' or 'auto'"
+        )
     from keras_das import fused_cell  # imports this module
 
     if name == "fused":

@@ -258,3 +258,41 @@ def test_arch_and_weight_variables_split_at_any_depth():
     assert len(alphas) + len(weights) == len(model.trainable_variables)
     # Temperatures and batch-norm statistics are neither.
     assert not any("temperature" in v.path for v in alphas + weights)
+
+
+def test_channel_shuffle_interleaves_groups_as_pytorch():
+    from keras_das.mixed_op import channel_shuffle
+
+    x = np.arange(6, dtype="float32").reshape(1, 1, 1, 6)  # groups of 3: [0 1 2 | 3 4 5]
+    np.testing.assert_array_equal(np.asarray(channel_shuffle(x, 2)).ravel(), [0, 3, 1, 4, 2, 5])
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_partial_channels_mix_a_quarter_and_bypass_the_rest(strides):
+    from keras_das.mixed_op import channel_shuffle
+
+    x = testing.random_inputs((2, 8, 8, 8))
+    mix = MixedOp(
+        ["sep_conv_3x3", "max_pool_3x3", "skip_connect"],
+        strides=strides,
+        partial_channels=4,
+        pool_batch_norm=False,
+    )
+    y = np.asarray(mix(x, training=False))
+    assert y.shape == (2, 8 // strides, 8 // strides, 8)
+    assert mix.ops[0].chain[-1].moving_mean.shape == (2,)  # the ops see 8 / 4 channels
+    w = mix.get_mixing_weights()
+    part = x[..., :2]
+    mixed = sum(w[i] * np.asarray(op(part, training=False)) for i, op in enumerate(mix.ops))
+    rest = x[..., 2:] if strides == 1 else np.asarray(keras.ops.max_pool(x[..., 2:], 2, 2, "same"))
+    expected = np.asarray(channel_shuffle(np.concatenate([mixed, rest], axis=-1), 4))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_channels_need_a_divisible_width():
+    with pytest.raises(ValueError, match="partial_channels=4 needs input channels divisible"):
+        MixedOp(["conv_3x3", "skip_connect"], partial_channels=4)(
+            testing.random_inputs((1, 4, 4, 6))
+        )
+    with pytest.raises(ValueError, match="partial_channels must be a positive int"):
+        MixedOp(["conv_3x3", "skip_connect"], partial_channels=0)

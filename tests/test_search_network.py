@@ -121,3 +121,56 @@ def test_bad_sizes_fail_at_construction():
         SearchNetwork(multiplier=5)
     with pytest.raises(ValueError, match="Unknown op 'sep_conv_9x9'"):
         SearchNetwork(op_names=["none", "sep_conv_9x9"])
+
+
+def test_edge_normalization_weights_are_a_softmax_per_node():
+    from keras_das.search_network import edge_normalization_weights
+
+    betas = np.arange(5, dtype="float32")
+    w = np.asarray(edge_normalization_weights(betas, steps=2))
+    np.testing.assert_allclose(w[:2].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w[2:].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w[:2], np.exp([0, 1]) / np.exp([0, 1]).sum(), rtol=1e-6)
+
+
+def test_pc_darts_network_has_betas_and_fewer_weights():
+    full = SearchNetwork(channels=8, num_cells=3)
+    full.build((None, 16, 16, 3))
+    pc = SearchNetwork(channels=8, num_cells=3, partial_channels=4, edge_normalization=True)
+    pc.build((None, 16, 16, 3))
+    assert pc.cell_implementation == "per_edge"
+    assert [tuple(a.shape) for a in keras_das.arch_variables(pc)] == [
+        (14, 8),
+        (14, 8),
+        (14,),
+        (14,),
+    ]
+    assert variables.count_weights(keras_das.weight_variables(pc)) < 0.3 * variables.count_weights(
+        keras_das.weight_variables(full)
+    )
+    # Derivation ranks edges by op weight times edge weight.
+    pc.beta_normal.assign(np.array([5.0, -5.0] + [0.0] * 12, "float32"))
+    favour = np.zeros((14, 8), "float32")
+    favour[0, 4] = favour[1, 5] = 3.0  # both edges into node 0 strong on their own ...
+    pc.alpha_normal.assign(favour)
+    g = pc.genotype()
+    assert g.normal[0] == ("sep_conv_3x3", 0)  # ... but edge 0 wins on its beta
+    assert SearchNetwork.from_config(pc.get_config()).partial_channels == 4
+
+
+def test_auxiliary_skip_adds_beta_times_the_input_on_stride_1_edges():
+    cell = SearchCell(4, reduction=False, op_names=("none", "sep_conv_3x3"), steps=2, multiplier=2)
+    s0 = testing.random_inputs((2, 8, 8, 4))
+    s1 = testing.random_inputs((2, 8, 8, 4), seed=1)
+    zero = np.zeros((5, 2), "float32")  # every op weight 0: only the auxiliary skip remains
+    y = np.asarray(cell([s0, s1], mixing_weights=zero, aux_skip_beta=0.5, training=False))
+    p0 = np.asarray(cell.preprocess0(s0, training=False))
+    p1 = np.asarray(cell.preprocess1(s1, training=False))
+    node0 = 0.5 * (p0 + p1)
+    node1 = 0.5 * (p0 + p1 + node0)
+    np.testing.assert_allclose(y, np.concatenate([node0, node1], axis=-1), rtol=1e-5, atol=1e-6)
+    net = SearchNetwork(channels=4, num_cells=3, aux_skip=True)
+    net.build((None, 8, 8, 3))
+    assert (
+        float(net.aux_skip_beta.numpy()) == 1.0 and not keras_das.arch_variables(net)[0].shape == ()
+    )
