@@ -245,3 +245,38 @@ def test_bad_config_from_the_command_line_names_the_field(tmp_path):
         timeout=300,
     )
     assert typo.returncode != 0 and "architect" in typo.stderr  # locked config suggests the field
+
+
+def test_search_with_every_remedy_on_writes_the_gap_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_DAS_CACHE_DIR", str(tmp_path / "cache"))
+    config = tiny_config(epochs=3)
+    r = config.remedies
+    for name in ("skip_cap", "param_paths", "aux_skip", "warmup", "partial_channels", "latency"):
+        r[name].enabled = True
+    r.warmup.epochs, r.partial_channels.k = 1, 2
+    r.temperature.schedule, r.temperature.start, r.temperature.end = "exponential", 4.0, 1.0
+    workdir = str(tmp_path / "search")
+    summary = search_lib.run(config, workdir, verbose=0)
+    report = json.load(open(os.path.join(workdir, "gap_report.json")))
+    assert report == summary["gap_report"]
+    assert report["gap"] == pytest.approx(
+        report["supernet_val_accuracy"] - report["derived_val_accuracy_inherited_weights"]
+    )
+    assert report["skip_connections"]["normal"] <= 2
+    assert report["derived_network"]["latency_ms"] > 0 and report["expected_latency_ms"] > 0
+    assert summary["final_metrics"]["temperature"] == pytest.approx(1.0)
+    assert os.listdir(tmp_path / "cache" / "latency")  # the measured table is cached
+
+
+def test_early_stop_ends_the_search_and_a_rerun_does_not_continue(tmp_path):
+    config = tiny_config(epochs=4)
+    config.remedies.early_stop.enabled = True
+    config.remedies.early_stop.max_skips = 1  # any skip in the derived normal cell
+    config.model.op_names = ("none", "skip_connect", "max_pool_3x3")  # skips are likely
+    workdir = str(tmp_path / "search")
+    first = search_lib.run(config, workdir, verbose=0)
+    assert first["early_stop"]["epoch"] < 4 and "skip connections" in first["early_stop"]["reason"]
+    stopped = json.load(open(os.path.join(workdir, "checkpoints", "latest.json")))["epoch"]
+    assert stopped == first["early_stop"]["epoch"]
+    again = search_lib.run(config, workdir, verbose=0)
+    assert again["early_stop"] == first["early_stop"] and again["resumed_from_epoch"] == stopped
