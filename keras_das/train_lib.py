@@ -174,8 +174,12 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             from keras_das.export import export
 
             summary["export"] = export(
-                net, os.path.join(workdir, "export"), mean=info.mean, std=info.std,
-                tflite=config.export.tflite, overwrite=True,
+                net,
+                os.path.join(workdir, "export"),
+                mean=info.mean,
+                std=info.std,
+                tflite=config.export.tflite,
+                overwrite=True,
             )
         io_utils.atomic_write_text(
             os.path.join(workdir, "train_summary.json"), json.dumps(summary, indent=2) + "\n"

@@ -27,7 +27,22 @@ DATA = {
     "num_test_examples": None,
     "synthetic_seed": 0,
 }
-DISTRIBUTION = {"strategy": "none", "tpu_address": ""}
+DISTRIBUTION = {"strategy": "none", "tpu_address": "", "devices": (), "cpu_devices": 0}
+# Every remedy off, each with its published setting for when it is switched on; only the
+# gap report (a measurement, not a change to the search) runs by default.
+REMEDIES = {
+    "l1": {"enabled": False, "weight": 0.1},
+    "zero_one": {"enabled": False, "weight": 10.0},
+    "temperature": {"schedule": "constant", "start": 1.0, "end": 1.0},
+    "skip_cap": {"enabled": False, "max_skips": 2},
+    "param_paths": {"enabled": False, "min_param_ops": 1},
+    "early_stop": {"enabled": False, "max_skips": 2, "stable_epochs": 10},
+    "aux_skip": {"enabled": False, "beta": 1.0},
+    "warmup": {"enabled": False, "epochs": 15},
+    "partial_channels": {"enabled": False, "k": 4, "edge_normalization": True},
+    "latency": {"enabled": False, "weight": 0.01, "table": "", "batch_size": 1},
+    "gap_report": {"enabled": True, "recalibration_batches": 20},
+}
 # The DARTS paper's settings (REFERENCE.md), field by field.
 SEARCH_DEFAULT = {
     "seed": 2,
@@ -62,9 +77,11 @@ SEARCH_DEFAULT = {
         "weight_decay": 1e-3,
     },
     "distribution": DISTRIBUTION,
+    "remedies": REMEDIES,
 }
 RETRAIN_DEFAULT = {
     "seed": 0,
+    "deterministic": False,
     "epochs": 600,
     "genotype": "DARTS_V2",
     "jit_compile": False,
@@ -85,6 +102,7 @@ RETRAIN_DEFAULT = {
         "grad_clip": 5.0,
     },
     "distribution": DISTRIBUTION,
+    "export": {"enabled": True, "tflite": True},
 }
 SMOKE = {
     "epochs",

@@ -137,6 +137,18 @@ def test_fused_cell_matches_the_per_edge_cell(
     _assert_close(fused([s0, s1], w, training=False), y_ref, 1e-5, "inference outputs")
 
 
+def test_copying_pools_with_diverged_statistics_is_an_error():
+    """The fused cell keeps one batch norm for a pool on all edges leaving a state."""
+    per_edge, fused, _ = _cell_pair(False, False, OP_SUBSETS["parameter_free"], steps=2)
+    bn = per_edge.edges[-1].ops[0].chain[1]  # max pool of node 1's edge from state 2
+    bn.moving_mean.assign(bn.moving_mean + 1.0)
+    fused.copy_weights_from(per_edge)  # state 2 feeds one edge only: nothing to disagree
+    bn = per_edge.edges[0].ops[0].chain[1]  # max pool of node 0's edge from state 0
+    bn.moving_mean.assign(bn.moving_mean + 1.0)
+    with pytest.raises(ValueError, match=r"different statistics.*one batch norm for a pool"):
+        fused.copy_weights_from(per_edge)
+
+
 def test_odd_sizes_and_few_steps():
     """FactorizedReduce and strided ops on a 7x7 input; 2 nodes, 1 concatenated."""
     per_edge, fused, (s0, s1, w) = _cell_pair(
