@@ -740,7 +740,8 @@ class FusedSearchCell(layers.Layer):
     """A DARTS search cell computing the edges of each state together.
 
     Same constructor, call (``cell([s0, s1], mixing_weights)``, mixing weights
-    ``[num_edges, num_ops]`` in ``SearchCell``'s edge order) and outputs as
+    ``[num_edges, num_ops]`` in ``SearchCell``'s edge order, optional PC-DARTS
+    ``edge_weights`` ``[num_edges]`` and DARTS- ``aux_skip_beta``) and outputs as
     ``SearchCell``; see the module docstring for how it is computed.
 
     Args:
@@ -811,13 +812,20 @@ class FusedSearchCell(layers.Layer):
     def compute_output_shape(self, input_shape):
         return self._output_shape
 
-    def call(self, inputs, mixing_weights, training=None):
+    def call(self, inputs, mixing_weights, edge_weights=None, aux_skip_beta=None, training=None):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
         for j, source in enumerate(self.sources):
-            weights = ops.take(mixing_weights, self._rows(j), axis=0)
-            mix = source(states[j], weights, training=training)
+            rows = self._rows(j)
+            mix = source(states[j], ops.take(mixing_weights, rows, axis=0), training=training)
+            if aux_skip_beta is not None and not (self.reduction and j < 2):
+                # DARTS-: beta * input on every stride-1 edge, broadcast over the edges.
+                beta = ops.cast(aux_skip_beta, mix.dtype)
+                mix = mix + beta * ops.expand_dims(states[j], axis=-2)
+            if edge_weights is not None:  # PC-DARTS: each edge's output times its weight
+                scale = ops.cast(ops.take(edge_weights, rows, axis=0), mix.dtype)
+                mix = mix * ops.reshape(scale, (len(rows), 1))
             pending = mix if pending is None else pending + mix
             if j == 0:
                 continue

@@ -237,7 +237,7 @@ class SearchNetwork(keras.Model):
         self.cell_implementation = _resolve_cell_implementation(
             cell_implementation,
             self.op_names,
-            extras=partial_channels > 1 or self.edge_normalization or self.aux_skip,
+            partial_channels=partial_channels > 1,
         )
         cell_class = SearchCell
         if self.cell_implementation == "fused":
@@ -426,22 +426,24 @@ class SearchNetwork(keras.Model):
         return cls(**{"cell_implementation": "per_edge", **config})
 
 
-def _resolve_cell_implementation(name: str, op_names: Sequence[str], extras: bool = False) -> str:
+def _resolve_cell_implementation(
+    name: str, op_names: Sequence[str], partial_channels: bool = False
+) -> str:
     """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``.
 
-    ``extras``: partial channels, edge normalisation or the auxiliary skip are on; the
-    fused cell does not implement them yet, so ``auto`` picks the per-edge cell.
+    ``partial_channels``: PC-DARTS's partial channels are on; the fused cell does not
+    implement them, so ``auto`` picks the per-edge cell.
     """
     if name not in CELL_IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown cell_implementation {name!r}; expected one of {list(CELL_IMPLEMENTATIONS)}"
         )
-    if name == "per_edge" or (name == "auto" and extras):
+    if name == "per_edge" or (name == "auto" and partial_channels):
         return "per_edge"
-    if extras:
+    if partial_channels:
         raise ValueError(
-            "cell_implementation='fused' does not support partial_channels, edge_normalization "
-            "or aux_skip yet; use 'per_edge' or 'auto'"
+            "cell_implementation='fused' does not support partial_channels > 1; use "
+            "'per_edge' or 'auto'"
         )
     from keras_das import fused_cell  # imports this module
 

@@ -149,6 +149,54 @@ def test_copying_pools_with_diverged_statistics_is_an_error():
         fused.copy_weights_from(per_edge)
 
 
+@pytest.mark.parametrize("reduction", [False, True])
+def test_edge_weights_and_auxiliary_skip_match_the_per_edge_cell(reduction):
+    """PC-DARTS edge weights and DARTS-'s auxiliary skip (stride-1 edges only)."""
+    per_edge, fused, (s0, s1, w) = _cell_pair(reduction, False, OP_SUBSETS["convs"])
+    rng = np.random.default_rng(3)
+    edge_weights = tf.constant(rng.uniform(0.2, 1.0, size=num_edges(4)).astype("float32"))
+    beta = tf.constant(0.7)
+
+    def forward(cell):
+        with tf.GradientTape() as tape:
+            tape.watch([w, edge_weights, beta])
+            y = cell([s0, s1], w, edge_weights=edge_weights, aux_skip_beta=beta, training=True)
+            loss = tf.reduce_sum(tf.sin(y))
+        grads = tape.gradient(loss, [w, edge_weights, beta])
+        return y, [tf.convert_to_tensor(g) for g in grads]  # gathered rows: IndexedSlices
+
+    y_ref, grads_ref = forward(per_edge)
+    y, grads = forward(fused)
+    _assert_close(y, y_ref, 1e-5, "outputs")
+    for name, g, g_ref in zip(("mixing weights", "edge weights", "beta"), grads, grads_ref):
+        _assert_close(g, g_ref, 1e-4, f"gradient w.r.t. {name}")
+    without = fused([s0, s1], w, training=False)
+    assert float(tf.reduce_max(tf.abs(without - fused([s0, s1], w, training=False)))) == 0.0
+    assert float(tf.reduce_max(tf.abs(y - without))) > 0.1  # the extras change the output
+
+
+def test_fused_network_with_edge_normalization_and_auxiliary_skip():
+    net = SearchNetwork(channels=4, num_cells=3, edge_normalization=True, aux_skip=True)
+    per_edge = SearchNetwork(
+        channels=4,
+        num_cells=3,
+        edge_normalization=True,
+        aux_skip=True,
+        cell_implementation="per_edge",
+    )
+    assert net.cell_implementation == "fused"
+    x = testing.random_inputs((2, 8, 8, 3))
+    net(x), per_edge(x)
+    assert [v.path.split("/")[-1] for v in keras_das.arch_variables(net)] == [
+        v.path.split("/")[-1] for v in keras_das.arch_variables(per_edge)
+    ]
+    assert SearchNetwork(channels=4, num_cells=3, partial_channels=2).cell_implementation == (
+        "per_edge"
+    )
+    with pytest.raises(ValueError, match="does not support partial_channels"):
+        SearchNetwork(channels=4, num_cells=3, partial_channels=2, cell_implementation="fused")
+
+
 def test_odd_sizes_and_few_steps():
     """FactorizedReduce and strided ops on a 7x7 input; 2 nodes, 1 concatenated."""
     per_edge, fused, (s0, s1, w) = _cell_pair(
