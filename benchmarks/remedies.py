@@ -8,6 +8,11 @@ derived network's parameters, FLOPs and measured latency.
     python benchmarks/remedies.py collapse --workdir=/tmp/remedies     # vanilla vs remedies
     python benchmarks/remedies.py latency --workdir=/tmp/latency       # lambda 0 vs lambda > 0
     python benchmarks/remedies.py collapse --epochs 20 --examples 10000
+    python benchmarks/remedies.py collapse --space s3 --epochs 30      # RobustDARTS's S3
+
+``--space``: the 8 DARTS ops, or RobustDARTS's reduced spaces where DARTS is known to
+collapse into skip connections (S2: skip_connect, sep_conv_3x3; S3: none, skip_connect,
+sep_conv_3x3).
 
 Each search is the search binary's library function with config overrides; its workdir
 keeps every output (genotype.png, alphas_*.png, gap_report.json, ...).
@@ -24,6 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import cifar  # noqa: E402
 from keras_das import data  # noqa: E402
+from keras_das.ops import DARTS_OPS  # noqa: E402
+
+SPACES = {
+    "darts": tuple(DARTS_OPS),
+    "s2": ("skip_connect", "sep_conv_3x3"),
+    "s3": ("none", "skip_connect", "sep_conv_3x3"),
+}
 
 
 def base_config(args):
@@ -34,6 +46,7 @@ def base_config(args):
     config.epochs = args.epochs
     config.model.num_cells = args.cells
     config.model.channels = args.channels
+    config.model.op_names = SPACES[args.space]
     config.arch.lr = args.arch_lr
     config.deterministic = False
     return config
@@ -58,6 +71,19 @@ def variants(kind, args):
     return {"unconstrained": vanilla, "latency": constrained}
 
 
+def skip_weight(workdir):
+    """The normal cell's mean skip_connect mixing weight over its edges, at the end."""
+    with open(os.path.join(workdir, "alpha_history.json")) as f:
+        history = json.load(f)
+    with open(os.path.join(workdir, "config.json")) as f:
+        ops = list(json.load(f)["model"]["op_names"])
+    if "skip_connect" not in ops:
+        return float("nan")
+    (key,) = [k for k in history["weights"] if k.endswith("normal")]
+    last = history["weights"][key][-1]
+    return sum(row[ops.index("skip_connect")] for row in last) / len(last)
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,6 +97,7 @@ def main():
     parser.add_argument("--cells", type=int, default=5)
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--arch_lr", type=float, default=3e-4)
+    parser.add_argument("--space", default="darts", choices=list(SPACES))
     parser.add_argument("--latency_weight", type=float, default=0.05)
     args = parser.parse_args()
 
@@ -80,7 +107,7 @@ def main():
     for name, config in variants(args.kind, args).items():
         summary = search_lib.run(config, os.path.join(args.workdir, name), verbose=2)
         rows[name] = summary
-    header = f"{'run':14} {'skips n/r':>9} {'supernet':>8} {'derived':>8} {'gap':>7} {'params':>8} {'MFLOPs':>7} {'lat ms':>7} {'E[lat]':>7} {'min':>5}"
+    header = f"{'run':14} {'skips n/r':>9} {'skip w':>6} {'supernet':>8} {'derived':>8} {'gap':>7} {'params':>8} {'MFLOPs':>7} {'lat ms':>7} {'E[lat]':>7} {'min':>5}"
     print(header)
     print("-" * len(header))
     for name, s in rows.items():
@@ -88,6 +115,7 @@ def main():
         d = g["derived_network"]
         print(
             f"{name:14} {g['skip_connections']['normal']:>4}/{g['skip_connections']['reduce']:<4}"
+            f" {skip_weight(os.path.join(args.workdir, name)):6.3f}"
             f" {g['supernet_val_accuracy']:8.4f} {g['derived_val_accuracy_inherited_weights']:8.4f}"
             f" {g['gap']:7.4f} {d['parameters']:8d} {d['flops'] / 1e6:7.1f} {d['latency_ms']:7.2f}"
             f" {g.get('expected_latency_ms', float('nan')):7.2f} {s['wall_time_s'] / 60:5.1f}"

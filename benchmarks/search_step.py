@@ -12,6 +12,10 @@ fixed cost of the TensorFlow runtime).
     python benchmarks/search_step.py                 # every size and mode
     python benchmarks/search_step.py --sizes S --modes first_order --steps 5
     python benchmarks/search_step.py --implementation per_edge   # the per-edge cells
+    python benchmarks/search_step.py --sizes D --partial_channels 1 4  # PC-DARTS K=1 vs 4
+
+``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
+with edge normalisation; it needs the per-edge cells (``auto`` picks them).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def _rss_gb() -> float:
     return float("nan")
 
 
-def measure(size: str, mode: str, steps: int, warmup: int, implementation: str) -> dict:
+def measure(
+    size: str, mode: str, steps: int, warmup: int, implementation: str, partial_channels: int
+) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
     import tensorflow as tf
@@ -67,6 +73,8 @@ def measure(size: str, mode: str, steps: int, warmup: int, implementation: str) 
         channels=spec["channels"],
         num_cells=spec["num_cells"],
         cell_implementation=implementation,
+        partial_channels=partial_channels,
+        edge_normalization=partial_channels > 1,
     )
     search = keras_das.SearchModel(net)
     search.build((None, 32, 32, 3))
@@ -102,7 +110,8 @@ def measure(size: str, mode: str, steps: int, warmup: int, implementation: str) 
     return {
         "size": size,
         "mode": mode,
-        "implementation": implementation,
+        "implementation": net.cell_implementation,
+        "partial_channels": partial_channels,
         "s_per_step": median,
         "images_per_s": batch / median,
         "first_step_s": trace_s,
@@ -122,53 +131,62 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first traces")
     parser.add_argument(
         "--implementation",
-        default="fused",
-        choices=("fused", "per_edge"),
-        help="the search cells: FusedSearchCell or the per-edge SearchCell",
+        default="auto",
+        choices=("auto", "fused", "per_edge"),
+        help="the search cells: FusedSearchCell, the per-edge SearchCell, or auto (fused "
+        "unless partial channels are on)",
+    )
+    parser.add_argument(
+        "--partial_channels",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="PC-DARTS K values to run (1: every channel through the ops)",
     )
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps, args.warmup, args.implementation)))
+        size, mode, k = args.child
+        print(json.dumps(measure(size, mode, args.steps, args.warmup, args.implementation, int(k))))
         return
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     rows = []
-    print(f"cells: {args.implementation}")
     header = (
-        f"{'size':4} {'mode':13} {'s/step':>8} {'img/s':>7} {'peak GB':>8} {'runtime GB':>10}"
-        f" {'1st step s':>10} | {'ref s/step':>10} {'ref GB':>7}"
+        f"{'size':4} {'K':>2} {'cells':8} {'mode':13} {'s/step':>8} {'img/s':>7}"
+        f" {'peak GB':>8} {'runtime GB':>10} {'1st step s':>10} | {'ref s/step':>10} {'ref GB':>7}"
     )
     print(header)
     print("-" * len(header))
-    for size in args.sizes:
-        for mode in args.modes:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                size,
-                mode,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--implementation",
-                args.implementation,
-            ]
-            result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if result.returncode:
-                print(f"{size:4} {mode:13} FAILED\n{result.stderr[-2000:]}")
-                continue
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            ref_s, ref_gb = REFERENCE[(size, mode)]
-            print(
-                f"{size:4} {mode:13} {row['s_per_step']:8.2f} {row['images_per_s']:7.1f}"
-                f" {row['peak_gb']:8.2f} {row['runtime_gb']:10.2f} {row['first_step_s']:10.1f}"
-                f" | {ref_s:10.2f} {ref_gb:7.2f}",
-                flush=True,
-            )
+    runs = [(s, k, m) for s in args.sizes for k in args.partial_channels for m in args.modes]
+    for size, k, mode in runs:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            size,
+            mode,
+            str(k),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--implementation",
+            args.implementation,
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if result.returncode:
+            print(f"{size:4} {k:2} {'':8} {mode:13} FAILED\n{result.stderr[-2000:]}")
+            continue
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        ref_s, ref_gb = REFERENCE[(size, mode)]
+        print(
+            f"{size:4} {k:2} {row['implementation']:8} {mode:13} {row['s_per_step']:8.2f}"
+            f" {row['images_per_s']:7.1f} {row['peak_gb']:8.2f} {row['runtime_gb']:10.2f} {row['first_step_s']:10.1f}"
+            f" | {ref_s:10.2f} {ref_gb:7.2f}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
