@@ -20,7 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cells", type=int, default=3)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -42,12 +44,20 @@ def main():
 
     def model(architect, fd_epsilon, seed):
         keras.utils.set_random_seed(seed)
-        net = keras_das.SearchNetwork(num_classes=10, channels=args.channels, num_cells=args.cells,
-                                      seed=seed, cell_implementation="per_edge")
+        net = keras_das.SearchNetwork(
+            num_classes=10,
+            channels=args.channels,
+            num_cells=args.cells,
+            seed=seed,
+            cell_implementation="per_edge",
+        )
         search = keras_das.SearchModel(net)
         search.build((None, args.size, args.size, 3))
-        search.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                       architect=architect, fd_epsilon=fd_epsilon)
+        search.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            architect=architect,
+            fd_epsilon=fd_epsilon,
+        )
         rng = np.random.default_rng(seed)
         for alpha in keras_das.arch_variables(net):
             alpha.assign(rng.normal(scale=0.3, size=alpha.shape))
@@ -69,13 +79,17 @@ def main():
             so, _, _ = model("second_order", s, seed).architect(train, val)
             rows[s].append(relative(so, exact))
     dtype = "float32" if args.float32 else "float64"
-    print(f"DARTS ops, {args.cells} cells x {args.channels} channels, batch {args.batch}, "
-          f"{args.size}x{args.size}, {dtype}, {args.seeds} seeds")
+    print(
+        f"DARTS ops, {args.cells} cells x {args.channels} channels, batch {args.batch}, "
+        f"{args.size}x{args.size}, {dtype}, {args.seeds} seeds"
+    )
     print(f"{'eps = scale / ||v||':>20} | ||second_order - exact|| / ||exact|| (mean, min..max)")
     for s in scales:
         r = rows[s]
         print(f"{s:>20g} | {np.mean(r):.3e}  ({min(r):.3e} .. {max(r):.3e})")
-    print(f"{'first order':>20} | {np.mean(first):.3e}  (for scale: ||first_order - exact|| / ||exact||)")
+    print(
+        f"{'first order':>20} | {np.mean(first):.3e}  (for scale: ||first_order - exact|| / ||exact||)"
+    )
 
 
 if __name__ == "__main__":

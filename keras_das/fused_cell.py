@@ -118,11 +118,6 @@ def check_fusable(op_names: Sequence[str]) -> tuple[str, ...]:
     return op_names
 
 
-# FusedBatchNorm's training kernel: "fused" (TensorFlow's) or "keras" (BatchNormalization's
-# own ops, whose second derivatives are not exact; tests select it to compare the exact
-# architect with SearchCell's, which uses them).
-_BN_KERNEL = "fused"
-
 # Sep and dil convs on at most this many channels per edge compose each edge's depthwise
 # and pointwise kernels into one dense convolution of the un-tiled input; wider ones tile
 # the input and run a depthwise and a grouped 1x1 convolution. See _StackedSeparable.
@@ -133,8 +128,8 @@ _DENSE_MAX_CHANNELS = 16
 class FusedBatchNorm(layers.BatchNormalization):
     """``BatchNormalization`` (no affine) that can scale its output and trains faster.
 
-    In training mode, for float32 channels-last inputs and unless ``synchronized``, it
-    runs TensorFlow's fused batch-norm kernel (one op forward and one backward instead of
+    In training mode, for float32 channels-last inputs and unless ``synchronized`` over
+    several replicas, it runs TensorFlow's fused batch-norm kernel (one op forward and one backward instead of
     some ten element-wise ones each; exact second derivatives) and updates the moving
     statistics as ``BatchNormalization`` does, with the biased batch variance. Otherwise
     (inference, synchronised statistics under a strategy, other dtypes) it is
@@ -148,10 +143,9 @@ class FusedBatchNorm(layers.BatchNormalization):
 
     def call(self, inputs, training=None, scale=None):
         if (
-            _BN_KERNEL == "fused"
-            and training
+            training
             and self.trainable
-            and not self.synchronized
+            and not (self.synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1)
             and not (self.center or self.scale or self.renorm)
             and self.axis in (-1, len(inputs.shape) - 1)
             and len(inputs.shape) == 4

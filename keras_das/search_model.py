@@ -127,7 +127,8 @@ class SearchModel(keras.Model):
                 variables, so they see the weights the architect evaluates at.
             sync_batch_norm: under a strategy with several replicas, make the supernet's
                 batch norms use global-batch statistics (so the search does not depend on
-                the number of replicas).
+                the number of replicas). With ``exact`` on one replica they are always
+                synchronised: only that form has exact second derivatives.
             freezable_arch: compile the step so that ``arch_enabled`` (a variable) can freeze
                 the alphas, as warm-up epochs do (``keras_das.remedies.ArchWarmup``).
             jit_compile: compile steps with XLA (off by default: on CPU it made the DARTS
@@ -164,6 +165,12 @@ class SearchModel(keras.Model):
         self.weight_optimizer.build(self.weight_vars)
         self.arch_optimizer.build(self.arch_vars)
         if sync_batch_norm and updates.num_replicas() > 1:
+            ops_lib.synchronize_batch_norm(self.supernet)
+        elif architect == "exact" and updates.num_replicas() == 1:
+            # BatchNormalization's own batch variance (tf.nn.moments) stops the gradient of
+            # the mean inside it: first derivatives right, second ones off (0.6% of the
+            # hypergradient in tests/test_architect.py). Its synchronised statistics
+            # (E[x^2] - E[x]^2) are exact, and on one replica they are the same statistics.
             ops_lib.synchronize_batch_norm(self.supernet)
         self.loss_fn = keras.losses.get(loss)
         self.weight_decay = float(weight_decay)

@@ -34,6 +34,9 @@ def _smooth_supernet():
             layers.AveragePooling2D(3, 1, padding="same"),
         ]
     )(h)
+    # A batch norm whose input depends on the alphas: its second derivatives are in the
+    # hypergradient (BatchNormalization's own are not exact; see SearchModel.compile).
+    h = layers.BatchNormalization()(h)
     h = MixedOp(
         [
             layers.Conv2D(4, 3, padding="same", activation="tanh"),

@@ -402,16 +402,14 @@ def test_search_model_steps_with_fused_cells(architect):
     assert sum(c for c, a in zip(changed, alphas) if not a) > 0.9 * (len(alphas) - 2)
 
 
-def test_exact_architect_agrees_across_implementations(monkeypatch):
+def test_exact_architect_agrees_across_implementations():
     """Second derivatives through the fused cell: the hypergradient of the ``exact``
     architect (nested tapes through the virtual step) equals the per-edge one.
 
-    Both cells must then run the same batch-norm math: ``BatchNormalization``'s second
-    derivatives are not exact (``tf.nn.moments`` stops the gradient of the mean inside the
-    variance, which leaves the first derivative right and the second one off; see
-    ``test_fused_batch_norm_second_derivatives``), the fused kernel's are.
+    The fused batch-norm kernel's second derivatives are exact (see
+    ``test_fused_batch_norm_second_derivatives``); ``BatchNormalization``'s are only in
+    its synchronised form, which ``compile(architect="exact")`` selects.
     """
-    monkeypatch.setattr(fused_cell, "_BN_KERNEL", "keras")
     per_edge, fused = _network_pair(op_names=OP_SUBSETS["convs"] + ("max_pool_3x3",))
     train, val = _batches(1)
     grads = []

@@ -94,9 +94,17 @@ def test_search_binary_smoke_preset(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.skipif(SHARED_TFDS is None, reason="the real CIFAR-10 (../shared/tfds) is not here")
 def test_search_binary_on_real_cifar10(tmp_path):
+    """The cifar_smoke preset, on fewer images and epochs (the README's main command runs
+    the whole smoke preset in the test above; this one is about the TFDS path)."""
     workdir = str(tmp_path / "search")
-    run_binary("keras_das.search", "--config=configs/cifar.py:cifar_smoke", f"--workdir={workdir}")
-    check_search_workdir(workdir, cifar.get_config("cifar_smoke").epochs)
+    run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:cifar_smoke",
+        f"--workdir={workdir}",
+        "--config.data.num_examples=256",
+        "--config.epochs=2",
+    )
+    check_search_workdir(workdir, 2)
 
 
 @pytest.mark.e2e

@@ -195,25 +195,38 @@ val = tf.data.Dataset.from_tensor_slices((x[16:], y[16:])).batch(8, drop_remaind
 def run(strategy, architect):
     with strategy.scope():
         keras.utils.set_random_seed(0)
+        # avg_pool, not max_pool: with max_pool_3x3 and sep_conv_3x3 together, the exact
+        # hypergradient on this CPU takes one of two values from run to run (up to 3%
+        # apart, on one device too), which no comparison across runs can absorb.
         net = keras_das.SearchNetwork(num_classes=3, channels=4, num_cells=3, steps=1,
-                                      multiplier=1, op_names=("none", "max_pool_3x3",
+                                      multiplier=1, op_names=("none", "avg_pool_3x3",
                                       "skip_connect", "sep_conv_3x3"), seed=0)
         search = keras_das.SearchModel(net)
         search.build((None, 12, 12, 3))
+        # SGD for the alphas, whose step is linear in the hypergradient (Adam's first
+        # steps are ~lr * sign(g): a near-zero component would amplify round-off).
         search.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                       architect=architect)
+                       architect=architect,
+                       arch_optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    groups = (keras_das.weight_variables(net), keras_das.arch_variables(net))
+    before = [[v.numpy() for v in group] for group in groups]
     data, steps = keras_das.pair_datasets(train, val)
     logs = search.fit(data, steps_per_epoch=steps, epochs=1, verbose=0).history
-    return [v.numpy() for v in net.trainable_variables], logs
+    return before, [[v.numpy() for v in group] for group in groups], logs
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
 
 out = {}
 mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 for architect in ("first_order", "second_order", "exact"):
-    single, logs1 = run(tf.distribute.get_strategy(), architect)
-    mirrored, logs2 = run(mirrored_strategy, architect)
+    before, single, logs1 = run(tf.distribute.get_strategy(), architect)
+    _, mirrored, logs2 = run(mirrored_strategy, architect)
     out[architect] = {
-        "diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single, mirrored)),
-        "alpha_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single[-2:], mirrored[-2:])),
+        "diff": max_diff(single[0], mirrored[0]),
+        "update": max_diff(single[0], before[0]),
+        "alpha_diff": max_diff(single[1], mirrored[1]),
+        "alpha_update": max_diff(single[1], before[1]),
         "loss": [logs1["loss"][0], logs2["loss"][0]],
     }
 print(json.dumps(out))
@@ -223,10 +236,12 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_mirrored_strategy_steps_match_single_device():
     """Two logical CPUs, global batch 8 split 4 + 4, synchronised batch norm: every
-    architect's steps end at the single-device weights and alphas."""
+    architect's two steps end at the single-device weights and alphas, to float32
+    round-off (the replicas' sums are added in another order; seen: 6e-8 in the weights,
+    5e-8 in the alphas) against updates of ~2e-2 of both."""
     for architect, out in _run_script(MIRRORED).items():
-        assert out["diff"] < 1e-5, (architect, out)
-        assert out["alpha_diff"] < 1e-6, (architect, out)
+        assert out["diff"] < 1e-5 and out["diff"] < 1e-3 * out["update"], (architect, out)
+        assert out["alpha_diff"] < 1e-3 * out["alpha_update"], (architect, out)
         assert out["loss"][0] == pytest.approx(out["loss"][1], rel=1e-5), architect
 
 
