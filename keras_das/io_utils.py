@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+
+# atomic_path's temporary files: ".<name>.<8 random chars><extension of name>".
+_TEMPORARY = re.compile(r"^\.(?P<base>.+)\.[a-z0-9_]{8}(?P<ext>\.[^.]*)?$")
 
 
 @contextlib.contextmanager
@@ -40,3 +44,25 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def remove_stale_temporaries(directory: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Removes the temporary files that writes killed mid-way left under ``directory``.
+
+    A process killed inside ``atomic_path`` (SIGKILL, power loss) leaves its hidden
+    temporary file behind, never a half-written target. Call this when a run starts on an
+    existing directory, while no other process writes there. ``skip`` names
+    subdirectories to leave alone. Returns the removed paths.
+    """
+    removed = []
+    for root, dirs, files in os.walk(directory):
+        if root == directory:
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            match = _TEMPORARY.match(name)
+            if match and (match["ext"] or "") == os.path.splitext(match["base"])[1]:
+                path = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+    return removed
