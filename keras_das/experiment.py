@@ -43,6 +43,13 @@ def set_seeds(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def prepare_workdir(config, workdir: str) -> None:
+    """The chief's start on ``workdir``: removes the temporary files that writes of a
+    killed earlier run left (never half files), then writes the resolved config."""
+    io_utils.remove_stale_temporaries(workdir, skip=("workers",))
+    write_config(config, workdir)
+
+
 def write_config(config, workdir: str) -> None:
     """Writes the resolved config to ``workdir/config.json``; logs what changed on a rerun."""
     path = os.path.join(workdir, "config.json")

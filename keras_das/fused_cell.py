@@ -55,18 +55,7 @@ from keras_das import search_network
 # The ops this module knows how to fuse, with the op class (and its settings) that the
 # registry must still build for each name: a user who re-registers a name with another
 # factory gets the per-edge cell, never a fused cell computing something else.
-FUSABLE_OPS = (
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-    "conv_3x3",
-    "conv_5x5",
-)
+FUSABLE_OPS = (*ops_lib.DARTS_OPS, "conv_3x3", "conv_5x5")
 
 
 def _expected_op(name: str, strides: int) -> tuple[type, dict]:
@@ -255,7 +244,7 @@ class _StackedOp(layers.Layer):
             ops: the ``edges`` per-edge op layers, in edge order.
             value_of: maps a per-edge variable to the array to use for it.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines per_edge_values()")
 
     def get_config(self):
         return {

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_das import latency as latency_lib
+from keras_das import ops as ops_lib
 from keras_das import variables
 from keras_das.discrete_network import DiscreteNetwork
 
@@ -136,10 +137,7 @@ def report(
         "bn_recalibration_batches": recalibration_steps,
         "skip_connections": {c: genotype.count("skip_connect", c) for c in ("normal", "reduce")},
         "parameter_free_ops": {
-            c: sum(
-                op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3")
-                for op, _ in getattr(genotype, c)
-            )
+            c: sum(op in ops_lib.PARAMETER_FREE_OPS for op, _ in getattr(genotype, c))
             for c in ("normal", "reduce")
         },
         "derived_network": {

@@ -242,9 +242,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     chief = distribution.is_chief(strategy)
     os.makedirs(workdir, exist_ok=True)
     if chief:
-        # Writes of a killed earlier run may have left temporary files (never half files).
-        io_utils.remove_stale_temporaries(workdir, skip=("workers",))
-        experiment.write_config(config, workdir)
+        experiment.prepare_workdir(config, workdir)
 
     with strategy.scope():
         _, _, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)

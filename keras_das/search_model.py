@@ -164,13 +164,12 @@ class SearchModel(keras.Model):
         self.arch_optimizer = arch_optimizer
         self.weight_optimizer.build(self.weight_vars)
         self.arch_optimizer.build(self.arch_vars)
-        if sync_batch_norm and updates.num_replicas() > 1:
-            ops_lib.synchronize_batch_norm(self.supernet)
-        elif architect == "exact" and updates.num_replicas() == 1:
-            # BatchNormalization's own batch variance (tf.nn.moments) stops the gradient of
-            # the mean inside it: first derivatives right, second ones off (0.6% of the
-            # hypergradient in tests/test_architect.py). Its synchronised statistics
-            # (E[x^2] - E[x]^2) are exact, and on one replica they are the same statistics.
+        # With exact on one replica too: BatchNormalization's own batch variance
+        # (tf.nn.moments) stops the gradient of the mean inside it, so its second
+        # derivatives are off (0.6% of the hypergradient in tests/test_architect.py); the
+        # synchronised statistics (E[x^2] - E[x]^2) are exact and, on one replica, the same.
+        replicas = updates.num_replicas()
+        if (sync_batch_norm and replicas > 1) or (architect == "exact" and replicas == 1):
             ops_lib.synchronize_batch_norm(self.supernet)
         self.loss_fn = keras.losses.get(loss)
         self.weight_decay = float(weight_decay)

@@ -86,9 +86,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     chief = distribution.is_chief(strategy)
     os.makedirs(workdir, exist_ok=True)
     if chief:
-        # Writes of a killed earlier run may have left temporary files (never half files).
-        io_utils.remove_stale_temporaries(workdir, skip=("workers",))
-        experiment.write_config(config, workdir)
+        experiment.prepare_workdir(config, workdir)
         genotype.save(os.path.join(workdir, "genotype.json"))
         plot.plot_genotype(
             genotype, os.path.join(workdir, "genotype.png"), title=str(config.genotype)

@@ -176,25 +176,18 @@ def test_edge_weights_and_auxiliary_skip_match_the_per_edge_cell(reduction):
 
 
 def test_fused_network_with_edge_normalization_and_auxiliary_skip():
-    net = SearchNetwork(channels=4, num_cells=3, edge_normalization=True, aux_skip=True)
-    per_edge = SearchNetwork(
-        channels=4,
-        num_cells=3,
-        edge_normalization=True,
-        aux_skip=True,
-        cell_implementation="per_edge",
-    )
+    extras = dict(edge_normalization=True, aux_skip=True)
+    net = testing.tiny_search_network(**extras)
+    per_edge = testing.tiny_search_network(**extras, cell_implementation="per_edge")
     assert net.cell_implementation == "fused"
     x = testing.random_inputs((2, 8, 8, 3))
     net(x), per_edge(x)
     assert [v.path.split("/")[-1] for v in keras_das.arch_variables(net)] == [
         v.path.split("/")[-1] for v in keras_das.arch_variables(per_edge)
     ]
-    assert SearchNetwork(channels=4, num_cells=3, partial_channels=2).cell_implementation == (
-        "per_edge"
-    )
+    assert testing.tiny_search_network(partial_channels=2).cell_implementation == "per_edge"
     with pytest.raises(ValueError, match="does not support partial_channels"):
-        SearchNetwork(channels=4, num_cells=3, partial_channels=2, cell_implementation="fused")
+        testing.tiny_search_network(partial_channels=2, cell_implementation="fused")
 
 
 def test_odd_sizes_and_few_steps():
@@ -294,10 +287,10 @@ def test_weight_count_is_the_reference_for_both_implementations():
 
 
 def _network_pair(op_names=ops_lib.DARTS_OPS, **kwargs):
-    config = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
-    config.update(kwargs)
-    per_edge = SearchNetwork(op_names=op_names, cell_implementation="per_edge", **config)
-    fused = SearchNetwork(op_names=op_names, cell_implementation="fused", **config)
+    per_edge, fused = (
+        testing.tiny_search_network(op_names=op_names, cell_implementation=c, **kwargs)
+        for c in ("per_edge", "fused")
+    )
     for net in (per_edge, fused):
         net.build((None, 8, 8, 3))
     _copy_network(per_edge, fused)
@@ -379,15 +372,7 @@ def _batches(seed=0):
 
 @pytest.mark.parametrize("architect", ["first_order", "second_order"])
 def test_search_model_steps_with_fused_cells(architect):
-    net = SearchNetwork(
-        num_classes=3,
-        channels=4,
-        num_cells=3,
-        steps=2,
-        multiplier=2,
-        op_names=OP_SUBSETS["convs"],
-        seed=0,
-    )
+    net = testing.tiny_search_network(op_names=OP_SUBSETS["convs"])
     assert net.cell_implementation == "fused"
     search = _search_model(net, architect)
     train, val = _batches()

@@ -5,21 +5,13 @@ import tensorflow as tf
 
 import keras_das
 from keras_das import gap_report
+from tests import testing
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
 
 
 def _search(cell_implementation="auto"):
-    net = keras_das.SearchNetwork(
-        num_classes=3,
-        channels=4,
-        num_cells=3,
-        steps=2,
-        multiplier=2,
-        op_names=OPS,
-        seed=0,
-        cell_implementation=cell_implementation,
-    )
+    net = testing.tiny_search_network(op_names=OPS, cell_implementation=cell_implementation)
     search = keras_das.SearchModel(net)
     search.build((None, 8, 8, 3))
     search.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

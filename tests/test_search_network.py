@@ -59,16 +59,7 @@ def test_all_normal_cells_share_one_alpha():
 
 @pytest.mark.parametrize("relaxation", ["softmax", "sigmoid", "gumbel", "gumbel_hard"])
 def test_network_trains_and_reloads(relaxation, tmp_path):
-    net = SearchNetwork(
-        num_classes=3,
-        channels=4,
-        num_cells=3,
-        steps=2,
-        multiplier=2,
-        op_names=SMALL_OPS,
-        relaxation=relaxation,
-        seed=0,
-    )
+    net = testing.tiny_search_network(op_names=SMALL_OPS, relaxation=relaxation)
     x = testing.random_inputs((4, 16, 16, 3))
     y = np.array([0, 1, 2, 0])
     net.build(x.shape)

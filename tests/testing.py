@@ -7,6 +7,16 @@ import os
 import keras
 import numpy as np
 
+# A search network small enough for unit tests (3 cells of 2 nodes, 4 channels).
+TINY_NETWORK = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
+
+
+def tiny_search_network(**overrides):
+    """``SearchNetwork(**TINY_NETWORK)`` with ``overrides``."""
+    from keras_das import SearchNetwork
+
+    return SearchNetwork(**{**TINY_NETWORK, **overrides})
+
 
 def random_inputs(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
