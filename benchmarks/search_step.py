@@ -1,21 +1,33 @@
-"""Seconds per step, images per second and peak memory of DARTS search steps.
+"""Seconds per step, images per second, peak memory and first-step time of DARTS search
+steps, on both of TensorFlow's CPU kernel paths, side by side with the official DARTS code.
 
 Sizes (32x32x3 inputs, 10 classes, the 8 DARTS ops):
   S: 5 cells, 8 channels, batch 32
   D: 8 cells, 16 channels, batch 64
 Modes: the weights-only step, the first-order search step (architecture step + weight
-step) and the second-order one. Each (size, mode) runs in its own process so that its
-peak resident memory (ru_maxrss) is its own; "runtime" is the resident memory of that
-process after importing TensorFlow and running one op, before any model exists (the
-fixed cost of the TensorFlow runtime).
+step), the second-order one and the exact one. Each (size, mode, kernel path) runs in its
+own process so that its peak resident memory (ru_maxrss) is its own; "first step s" is the
+wall time of the first step (tracing, graph optimisation and one step), paid by every run
+and resume.
 
-    python benchmarks/search_step.py                 # every size and mode
-    python benchmarks/search_step.py --sizes S --modes first_order --steps 5
+Kernel paths (``--onednn``): ``0`` runs with ``TF_ENABLE_ONEDNN_OPTS=0`` (TensorFlow's
+portable CPU kernels: what AVX2 laptops, Apple Silicon and ARM servers get), ``1`` with
+oneDNN forced on (the default on CPUs with AVX-512 VNNI/BF16 or AMX). The "kernels" column
+says which grouped 1x1 formulation the fused cell picked (``keras_das.kernels``).
+
+With ``--peer_python`` (a Python with PyTorch) and ``--peer_dir`` (the official DARTS
+``cnn/`` code), each row's peer step (same size and mode; exact has none) runs alternately
+with keras_das (peer, ours, peer, ours, ... ``--rounds`` times), and the table gives the
+ratio of medians: only ratios measured in one run count on a noisy machine.
+
+    python benchmarks/search_step.py                 # every size and mode, oneDNN off and on
+    python benchmarks/search_step.py --sizes D --modes first_order second_order --onednn 0 \
+        --peer_python ../torchvenv/bin/python --peer_dir ../shared/peers/quark0-darts
     python benchmarks/search_step.py --implementation per_edge   # the per-edge cells
     python benchmarks/search_step.py --sizes D --partial_channels 1 4  # PC-DARTS K=1 vs 4
 
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
-with edge normalisation; it needs the per-edge cells (``auto`` picks them).
+with edge normalisation.
 """
 
 from __future__ import annotations
@@ -33,16 +45,8 @@ SIZES = {
     "S": dict(num_cells=5, channels=8, batch=32),
     "D": dict(num_cells=8, channels=16, batch=64),
 }
-MODES = ("weights", "first_order", "second_order")
-# quark0/darts on this machine type (torch 2.13 CPU, 2 threads): median s/step, peak GB.
-REFERENCE = {
-    ("S", "weights"): (1.18, 1.95),
-    ("S", "first_order"): (2.35, 1.95),
-    ("S", "second_order"): (7.19, 2.56),
-    ("D", "weights"): (8.19, 10.5),
-    ("D", "first_order"): (16.8, 10.7),
-    ("D", "second_order"): (37.1, 13.9),
-}
+MODES = ("weights", "first_order", "second_order", "exact")
+PEER_MODES = {"weights": "weights", "first_order": "first", "second_order": "second"}
 
 
 def _rss_gb() -> float:
@@ -51,6 +55,26 @@ def _rss_gb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def cpu_description() -> str:
+    """The CPU model and whether it has AVX-512 (from /proc/cpuinfo)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    avx = (
+        "AVX-512" if "avx512f" in flags else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    )
+    amx = ", AMX" if "amx_tile" in flags else ""
+    return f"{model} ({avx}{amx}), {os.cpu_count()} cores"
 
 
 def measure(
@@ -65,6 +89,7 @@ def measure(
     import keras
 
     import keras_das
+    from keras_das import kernels
 
     spec = SIZES[size]
     keras.utils.set_random_seed(0)
@@ -80,7 +105,7 @@ def measure(
     search.build((None, 32, 32, 3))
     search.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        architect="second_order" if mode == "second_order" else "first_order",
+        architect="first_order" if mode == "weights" else mode,
     )
     rng = np.random.default_rng(0)
     batch = spec["batch"]
@@ -111,6 +136,7 @@ def measure(
         "size": size,
         "mode": mode,
         "implementation": net.cell_implementation,
+        "kernels": "grouped" if kernels.grouped_conv_gradient_supported() else "blockdiag",
         "partial_channels": partial_channels,
         "s_per_step": median,
         "images_per_s": batch / median,
@@ -119,6 +145,63 @@ def measure(
         "runtime_gb": runtime_gb,
         "threads": tf.config.threading.get_intra_op_parallelism_threads(),
     }
+
+
+def _last_json(result: subprocess.CompletedProcess) -> dict | None:
+    if result.returncode:
+        print(f"  FAILED: {result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_peer(args, size: str, mode: str) -> dict | None:
+    """One run of the official DARTS step (its own process), or None."""
+    spec = SIZES[size]
+    cmd = [
+        args.peer_python,
+        os.path.join(os.path.dirname(os.path.abspath(args.peer_dir)), "darts_official_bench.py")
+        if args.peer_bench is None
+        else args.peer_bench,
+        "--darts_dir",
+        args.peer_dir,
+        "--layers",
+        str(spec["num_cells"]),
+        "--channels",
+        str(spec["channels"]),
+        "--batch",
+        str(spec["batch"]),
+        "--mode",
+        PEER_MODES[mode],
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    return _last_json(subprocess.run(cmd, capture_output=True, text=True))
+
+
+def run_ours(args, size: str, mode: str, k: int, onednn: str) -> dict | None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": onednn}
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        size,
+        mode,
+        str(k),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--implementation",
+        args.implementation,
+    ]
+    return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env))
+
+
+def _median(rows, key):
+    values = [r[key] for r in rows if r]
+    return statistics.median(values) if values else float("nan")
 
 
 def main():
@@ -130,11 +213,17 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first traces")
     parser.add_argument(
+        "--onednn",
+        nargs="+",
+        default=["0", "1"],
+        choices=["0", "1"],
+        help="TF_ENABLE_ONEDNN_OPTS values to run (0: portable kernels, 1: oneDNN)",
+    )
+    parser.add_argument(
         "--implementation",
         default="auto",
         choices=("auto", "fused", "per_edge"),
-        help="the search cells: FusedSearchCell, the per-edge SearchCell, or auto (fused "
-        "unless partial channels are on)",
+        help="the search cells: FusedSearchCell, the per-edge SearchCell, or auto",
     )
     parser.add_argument(
         "--partial_channels",
@@ -143,6 +232,14 @@ def main():
         default=[1],
         help="PC-DARTS K values to run (1: every channel through the ops)",
     )
+    parser.add_argument("--peer_python", help="a Python with PyTorch, to time official DARTS")
+    parser.add_argument("--peer_dir", help="the official DARTS code (its cnn/ folder)")
+    parser.add_argument(
+        "--peer_bench", help="its timing harness (default: darts_official_bench.py beside it)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="peer/ours alternations per row (medians)"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,46 +247,51 @@ def main():
         size, mode, k = args.child
         print(json.dumps(measure(size, mode, args.steps, args.warmup, args.implementation, int(k))))
         return
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    rows = []
+    if bool(args.peer_python) != bool(args.peer_dir):
+        parser.error("--peer_python and --peer_dir go together")
+    print(f"# {cpu_description()}; {args.steps} timed steps after {args.warmup} (medians)")
     header = (
-        f"{'size':4} {'K':>2} {'cells':8} {'mode':13} {'s/step':>8} {'img/s':>7}"
-        f" {'peak GB':>8} {'runtime GB':>10} {'1st step s':>10} | {'ref s/step':>10} {'ref GB':>7}"
+        f"{'size':4} {'K':>2} {'oneDNN':6} {'cells':8} {'kernels':9} {'mode':13} {'s/step':>7}"
+        f" {'img/s':>6} {'peak GB':>7} {'1st step s':>10} | {'peer s':>7} {'peer GB':>7}"
+        f" {'time x':>6} {'mem x':>5}"
     )
     print(header)
     print("-" * len(header))
-    runs = [(s, k, m) for s in args.sizes for k in args.partial_channels for m in args.modes]
-    for size, k, mode in runs:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            size,
-            mode,
-            str(k),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--implementation",
-            args.implementation,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if result.returncode:
-            print(f"{size:4} {k:2} {'':8} {mode:13} FAILED\n{result.stderr[-2000:]}")
+    rows = []
+    runs = [
+        (s, k, o, m)
+        for s in args.sizes
+        for k in args.partial_channels
+        for o in args.onednn
+        for m in args.modes
+    ]
+    for size, k, onednn, mode in runs:
+        ours, peer = [], []
+        for _ in range(args.rounds):
+            if args.peer_python and mode in PEER_MODES:
+                peer.append(run_peer(args, size, mode))
+            ours.append(run_ours(args, size, mode, k, onednn))
+        if not any(ours):
+            print(f"{size:4} {k:2} {onednn:6} {'':8} {'':9} {mode:13} FAILED", flush=True)
             continue
-        row = json.loads(result.stdout.strip().splitlines()[-1])
+        row = dict(next(r for r in ours if r), onednn=onednn)
+        for key in ("s_per_step", "peak_gb", "first_step_s"):
+            row[key] = _median(ours, key)
+        row["images_per_s"] = SIZES[size]["batch"] / row["s_per_step"]
+        row["peer_s_per_step"] = _median(peer, "median_s")
+        row["peer_peak_gb"] = _median(peer, "peak_rss_mib") / 1024
         rows.append(row)
-        ref_s, ref_gb = REFERENCE[(size, mode)]
         print(
-            f"{size:4} {k:2} {row['implementation']:8} {mode:13} {row['s_per_step']:8.2f}"
-            f" {row['images_per_s']:7.1f} {row['peak_gb']:8.2f} {row['runtime_gb']:10.2f} {row['first_step_s']:10.1f}"
-            f" | {ref_s:10.2f} {ref_gb:7.2f}",
+            f"{size:4} {k:2} {onednn:6} {row['implementation']:8} {row['kernels']:9} {mode:13}"
+            f" {row['s_per_step']:7.2f} {row['images_per_s']:6.1f} {row['peak_gb']:7.2f}"
+            f" {row['first_step_s']:10.1f} | {row['peer_s_per_step']:7.2f}"
+            f" {row['peer_peak_gb']:7.2f} {row['s_per_step'] / row['peer_s_per_step']:6.2f}"
+            f" {row['peak_gb'] / row['peer_peak_gb']:5.2f}",
             flush=True,
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"cpu": cpu_description(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,11 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf  # kernels that keras.ops lacks (fused batch norm, grouped conv)
+import tensorflow as tf  # kernels that keras.ops lacks (fused batch norm)
 from keras import layers
 from keras import ops
 
+from keras_das import kernels
 from keras_das import ops as ops_lib
 from keras_das import search_network
 
@@ -184,23 +185,6 @@ def _batch_norm(name=None):
 # ([E * C]) multiplies the output per channel inside the last batch norm.
 
 
-def _grouped_conv(x, kernel, strides=1, padding="VALID", dilation=1):
-    """A convolution with ``x.shape[-1] // kernel.shape[-2]`` groups.
-
-    Used for the per-edge 1x1 convolutions of stacked tensors (``E`` groups). Timed
-    forward + backward of a stacked 3x3 depthwise and the pointwise convolutions (E=4,
-    medians of 5-7 runs): at 32x32, C=8, batch 32, grouped 3.6 ms, a matmul with the
-    block-diagonal ``[E*C, E*C]`` kernel 3.5 ms (4.8 ms in another run, where a batched
-    ``einsum`` over the edge axis took 12.0 ms: it transposes twice); at 16x16, C=32,
-    batch 64, grouped 4.6 ms, block-diagonal 7.4 ms.
-
-    ``keras.ops.conv`` sends grouped convolutions through XLA on CPU; TensorFlow's own
-    grouped kernel (oneDNN) gives the same numbers as per-group convolutions, first and
-    second derivatives included.
-    """
-    return tf.nn.conv2d(x, kernel, strides, padding.upper(), dilations=dilation)
-
-
 def _compose(depthwise, pointwise, edges):
     """The ``[k, k, C, E * D]`` kernel of depthwise-then-grouped-pointwise per edge.
 
@@ -291,7 +275,7 @@ class _StackedSeparable(_StackedOp):
       FLOPs grow as C^2 k^2 against C k^2 + C^2).
     - Later repeats composed into a grouped ``k x k`` convolution instead: 242 against
       226 ms (C=8), 1034-1072 against 1003 ms (C=16 at 32x32, batch 64); not kept.
-    The depthwise then grouped 1x1 layout itself: see ``_grouped_conv``.
+    The depthwise then grouped 1x1 layout itself: see ``kernels.grouped_pointwise``.
     """
 
     repeats = 1
@@ -332,14 +316,14 @@ class _StackedSeparable(_StackedOp):
             kernel = _compose(self.depthwise[0], self.pointwise[0], self.edges)
             return ops.conv(x, kernel, strides, padding, dilation_rate=dilation)
         x = ops.depthwise_conv(x, self.depthwise[0], strides, padding, dilation_rate=dilation)
-        return _grouped_conv(x, self.pointwise[0])
+        return kernels.grouped_pointwise(x, self.pointwise[0])
 
     def call(self, inputs, training=None, scale=None):
         x = self._first(inputs)
         for i in range(1, self.repeats):
             x = ops.relu(self.bns[i - 1](x, training=training))
             x = ops.depthwise_conv(x, self.depthwise[i], 1, "same")
-            x = _grouped_conv(x, self.pointwise[i])
+            x = kernels.grouped_pointwise(x, self.pointwise[i])
         return self.bns[-1](x, training=training, scale=scale)
 
     def per_edge_values(self, ops, value_of):

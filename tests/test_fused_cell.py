@@ -16,6 +16,8 @@ from keras_das.fused_cell import FusedBatchNorm
 from keras_das.search_network import num_edges
 from tests import testing
 
+pytestmark = pytest.mark.kernel_path
+
 LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 OP_SUBSETS = {
