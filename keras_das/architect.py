@@ -25,6 +25,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_das import ops as ops_lib
 from keras_das.updates import all_reduce_sum
 
 ARCHITECTS = ("first_order", "second_order", "exact")
@@ -64,7 +65,10 @@ class Architect:
         to ``values``, without changing any variable."""
         sm = self.search_model
         mapping = list(zip(sm.supernet.trainable_variables, values))
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        with (
+            keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
+            ops_lib.discarding_batch_norm_statistics(),  # updates in the scope: discarded
+        ):
             y_pred = sm.supernet(x, training=True)
             loss = sm.total_loss(y, y_pred, scope.losses, with_penalty)
         return loss, y_pred

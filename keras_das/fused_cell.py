@@ -121,7 +121,9 @@ class FusedBatchNorm(layers.BatchNormalization):
     In training mode, for float32 channels-last inputs and unless ``synchronized`` over
     several replicas, it runs TensorFlow's fused batch-norm kernel (one op forward and one backward instead of
     some ten element-wise ones each; exact second derivatives) and updates the moving
-    statistics as ``BatchNormalization`` does, with the biased batch variance. Otherwise
+    statistics as ``BatchNormalization`` does, with the biased batch variance (not at all
+    inside ``keras_das.ops.discarding_batch_norm_statistics()``, where the caller throws
+    the updates away). Otherwise
     (inference, synchronised statistics under a strategy, other dtypes) it is
     ``BatchNormalization``. Forward + backward of a normal cell at size S: 278 ms with
     it, 334 ms with ``BatchNormalization`` (mixing weights multiplied separately in both).
@@ -146,24 +148,37 @@ class FusedBatchNorm(layers.BatchNormalization):
         return outputs if scale is None else outputs * ops.cast(scale, outputs.dtype)
 
     def _fused_training_call(self, inputs, scale):
+        # The kernel op directly, with NumPy constants and, for static shapes, the element
+        # count as a Python number: tf.ones/tf.zeros, tf.nn's wrapper and a dynamic count
+        # were about a quarter of a call's graph ops (Python tracing pays per op,
+        # constants included).
         channels = inputs.shape[-1]
+        dtype = inputs.dtype.as_numpy_dtype
         if scale is None:
-            scale = tf.ones((channels,), inputs.dtype)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs,
-            scale,
-            tf.zeros((channels,), inputs.dtype),
+            scale = np.ones((channels,), dtype)
+        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=scale,
+            offset=np.zeros((channels,), dtype),
+            mean=np.zeros((0,), dtype),
+            variance=np.zeros((0,), dtype),
             epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
             is_training=True,
         )
+        if ops_lib.batch_norm_statistics_discarded():
+            return outputs
         # The kernel returns the unbiased variance (for PyTorch-style running statistics);
         # BatchNormalization averages the biased one.
-        count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, inputs.dtype)
+        if None in tuple(inputs.shape):
+            count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, inputs.dtype)
+        else:
+            count = float(np.prod(inputs.shape[:-1]))  # exact in float32, as the cast count
         variance = variance * (count - 1.0) / count
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(
-            self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
-        )
+        momentum = self.momentum
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            moving.assign(moving.value * momentum + batch * (1.0 - momentum))
         return outputs
 
 
@@ -471,7 +486,7 @@ class StackedFactorizedReduceBlock(StackedFactorizedReduce):
 
 def _split_edges(x, edges):
     """``[..., E * C]`` -> ``[..., E, C]`` (free: a reshape)."""
-    shape = ops.shape(x)
+    shape = kernels.static_or_dynamic_shape(x)
     return ops.reshape(x, (*shape[:-1], edges, shape[-1] // edges))
 
 
@@ -630,6 +645,7 @@ class FusedMixedOps(layers.Layer):
         get = self._prepared(x)
         total = None
         shared, shared_rows = [], []  # outputs alike on every edge, their weight columns
+        scales = None
         for i, name in enumerate(self.op_names):
             op = self._op(i)
             if op is None and name != "skip_connect":
@@ -638,18 +654,27 @@ class FusedMixedOps(layers.Layer):
                 shared.append(x if op is None else op(x, training=training))
                 shared_rows.append(i)
                 continue
+            if scales is None:
+                scales = self._scales(w)
             # The mixing weight scales the op's last batch norm: no multiply of its own
             # (forward + backward of a normal cell at size S: 226 against 278 ms).
-            scale = ops.reshape(ops.repeat(w[:, i : i + 1], self.channels, axis=1), (-1,))
-            term = _split_edges(op(get(op), training=training, scale=scale), self.edges)
+            term = _split_edges(op(get(op), training=training, scale=scales[i]), self.edges)
             total = term if total is None else total + term
         if shared:
-            term = self._mix_shared(shared, ops.take(w, shared_rows, axis=1))
+            term = self._mix_shared(shared, tf.gather(w, shared_rows, axis=1))
             total = term if total is None else total + term
         if total is None:  # every candidate is none
             zeros = ops.zeros_like(x[:, :: self.strides, :: self.strides, :1])
             total = ops.expand_dims(zeros, -1) * ops.zeros((self.edges, self.channels), x.dtype)
         return total
+
+    def _scales(self, weights):
+        """Every op's batch-norm scale, ``[E * C]`` each: ``weights[e, i]`` on edge ``e``'s
+        channels. Built once per state (a slice and ``ops.repeat`` per op were ~15 graph
+        ops each)."""
+        n, e, c = len(self.op_names), self.edges, self.channels
+        columns = tf.reshape(tf.transpose(weights), (n, e, 1))
+        return tf.unstack(tf.reshape(tf.tile(columns, (1, 1, c)), (n, e * c)))
 
     def _mix_shared(self, outputs, weights):
         """``sum_o weights[e, o] * outputs[o]`` for every edge ``e``: ``[..., E, C]``.
@@ -659,12 +684,13 @@ class FusedMixedOps(layers.Layer):
         rest of a normal cell at size D: their gradients reduce over non-trailing axes.
         """
         c, n = self.channels, len(outputs)
-        kernel = ops.einsum("eo,cd->oced", weights, ops.eye(c, dtype=weights.dtype))
+        # A NumPy identity: a constant, where ops.eye is a graph op built on every call.
+        eye = np.eye(c, dtype=weights.dtype.as_numpy_dtype)
+        kernel = ops.einsum("eo,cd->oced", weights, eye)
         kernel = ops.reshape(kernel, (n * c, self.edges * c))
         x = outputs[0] if n == 1 else ops.concatenate(outputs, axis=-1)
-        shape = ops.shape(x)
         y = ops.matmul(ops.reshape(x, (-1, n * c)), kernel)
-        return ops.reshape(y, (*shape[:-1], self.edges, c))
+        return ops.reshape(y, (*kernels.static_or_dynamic_shape(x)[:-1], self.edges, c))
 
     def per_edge_values(self, mixed_ops, value_of):
         """``[(variable, value)]`` to compute what the per-edge ``mixed_ops`` compute.
@@ -785,7 +811,7 @@ class FusedSearchCell(layers.Layer):
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
         for j, source in enumerate(self.sources):
             rows = self._rows(j)
-            mix = source(states[j], ops.take(mixing_weights, rows, axis=0), training=training)
+            mix = source(states[j], tf.gather(mixing_weights, rows, axis=0), training=training)
             if aux_skip_beta is not None and not (self.reduction and j < 2):
                 # DARTS-: beta * input on every stride-1 edge, broadcast over the edges.
                 beta = ops.cast(aux_skip_beta, mix.dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -75,6 +76,12 @@ def grouped_conv_gradient_supported() -> bool:
         return _grouped_conv_gradient_supported(_device_type())
 
 
+def static_or_dynamic_shape(x):
+    """``x``'s shape: Python ints where all are static (no graph ops), else ``ops.shape``."""
+    shape = tuple(x.shape)
+    return shape if None not in shape else ops.shape(x)
+
+
 def grouped_pointwise(x, kernel):
     """A grouped 1x1 convolution: group ``g`` of ``x``'s channels through ``kernel``'s ``g``.
 
@@ -98,11 +105,13 @@ def grouped_pointwise(x, kernel):
     if len(x.shape) == 4 and grouped_conv_gradient_supported():
         return tf.nn.conv2d(x, kernel, 1, "VALID")
     d = gd // groups
-    # [C, G, D] -> [G, C, 1, D] * eye(G) -> [G * C, G * D], zero off the diagonal blocks.
-    blocks = ops.transpose(ops.reshape(kernel, (c, groups, d)), (1, 0, 2))
-    eye = ops.eye(groups, dtype=kernel.dtype)
-    dense = ops.expand_dims(blocks, 2) * ops.reshape(eye, (groups, 1, groups, 1))
-    dense = ops.reshape(dense, (groups * c, groups * d))
-    shape = ops.shape(x)
+    # dense[g, c, h, d] = kernel[c, h, d] * (g == h): [G * C, G * D], zero off the diagonal
+    # blocks. The mask is a NumPy constant and the shapes Python ints where static: built
+    # per call (the architect calls the supernet up to 4 times a step), the ops.eye,
+    # transpose and dynamic-shape version was 24 graph ops (constants included) against 12.
+    blocks = ops.reshape(kernel, (1, c, groups, d))
+    mask = np.eye(groups, dtype=blocks.dtype.as_numpy_dtype).reshape(groups, 1, groups, 1)
+    dense = ops.reshape(blocks * mask, (groups * c, groups * d))
+    shape = static_or_dynamic_shape(x)
     y = ops.matmul(ops.reshape(x, (-1, groups * c)), dense)
     return ops.reshape(y, (*shape[:-1], groups * d))

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
 import keras
@@ -48,6 +50,31 @@ def batch_norm(affine: bool, name: str | None = None) -> layers.BatchNormalizati
     return layers.BatchNormalization(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name
     )
+
+
+_statistics = threading.local()
+
+
+@contextlib.contextmanager
+def discarding_batch_norm_statistics():
+    """Within this context, batch norms that can (``keras_das.fused_cell``'s) build no
+    moving-statistic updates.
+
+    For model calls in a ``keras.StatelessScope`` whose updates are thrown away (the
+    architect's losses at other weights): the updates would be dead graph ops, which
+    cost tracing time (about a third of a fused batch norm's ops) and nothing else.
+    """
+    previous = getattr(_statistics, "discarded", False)
+    _statistics.discarded = True
+    try:
+        yield
+    finally:
+        _statistics.discarded = previous
+
+
+def batch_norm_statistics_discarded() -> bool:
+    """Whether inside ``discarding_batch_norm_statistics()`` (on this thread)."""
+    return getattr(_statistics, "discarded", False)
 
 
 def synchronize_batch_norm(model: keras.layers.Layer, enabled: bool = True) -> int:
