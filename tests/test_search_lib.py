@@ -3,6 +3,9 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -13,6 +16,7 @@ import keras_das
 from configs import cifar
 from keras_das import data
 from keras_das import search_lib
+from tests.binaries import ROOT
 from tests.binaries import run_binary
 from tests.binaries import start_binary
 
@@ -27,6 +31,23 @@ TINY = (
     f"--config.model.op_names={TINY_OPS}",
     "--config.data.num_examples=256",
     "--config.data.batch_size=16",
+)
+
+
+# Big enough that, without keras_das.experiment.enable_determinism, TensorFlow's AddN
+# sums (the gradients of tensors that several ops read) round differently from run to
+# run: the smoke preset's 5 cells (the last normal cell after both reductions is where
+# it showed first), 8 channels, nodes with several outgoing edges, batch 32. Before the
+# fix, 30 architecture gradients of one batch came in 3 different roundings (oneDNN) or 6
+# (TF_ENABLE_ONEDNN_OPTS=0) here; with 3 or 4 cells, 20 of them all agreed.
+SUMS = (
+    "--config.model.steps=4",
+    "--config.model.multiplier=4",
+    "--config.model.channels=8",
+    "--config.model.op_names=('none', 'skip_connect', 'sep_conv_3x3', 'sep_conv_5x5')",
+    "--config.data.num_examples=512",
+    "--config.data.batch_size=32",
+    "--config.remedies.gap_report.enabled=False",
 )
 
 
@@ -134,10 +155,11 @@ def _final_state(workdir):
 
 
 @pytest.mark.e2e
+@pytest.mark.kernel_path
 def test_killed_search_resumes_to_the_same_alphas(tmp_path):
     args = (
         "--config=configs/cifar.py:smoke",
-        *TINY,
+        *SUMS,  # sums of gradients that depend on thread timing without the fix
         "--config.epochs=3",
         "--config.deterministic=True",
     )
@@ -169,6 +191,70 @@ def test_killed_search_resumes_to_the_same_alphas(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# Computes the architecture gradient of one batch (first order: the backward pass of the
+# whole supernet) repeatedly in one process; prints how many different results it got.
+REPEATED_ARCH_GRADIENTS = """
+import hashlib, sys
+import tensorflow as tf
+from absl import flags
+from ml_collections import config_flags
+from keras_das import data, experiment, search_lib
+
+config_flag = config_flags.DEFINE_config_file("config", lock_config=True)
+flags.FLAGS(sys.argv[:1] + sys.argv[2:])
+config = config_flag.value
+experiment.set_seeds(config.seed, config.deterministic)
+info = data.get_info(config.data)
+train, val, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
+search = search_lib.build_search_model(config, info, steps)
+batches = next(iter(train)), next(iter(val))
+arch_gradients = tf.function(lambda: search.architect(*batches)[0])
+digests = set()
+for _ in range(int(sys.argv[1])):
+    digests.add(hashlib.sha256(b"".join(g.numpy().tobytes() for g in arch_gradients())).hexdigest())
+print(len(digests))
+"""
+
+
+@pytest.mark.kernel_path
+def test_deterministic_mode_repeats_the_architecture_gradient_bit_for_bit():
+    """TensorFlow's AddN kernel orders its sum by which input buffer it can reuse, i.e. by
+    thread timing; deterministic mode must keep such sums out of the gradients."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(REPEATED_ARCH_GRADIENTS),
+            "30",
+            "--config=configs/cifar.py:smoke",
+            "--config.deterministic=True",
+            *SUMS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"  # one result in 30 calls
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel_path
+def test_deterministic_searches_in_two_processes_end_bit_identical(tmp_path):
+    args = ("--config=configs/cifar.py:smoke", *SUMS, "--config.epochs=1")
+    workdirs = [str(tmp_path / name) for name in ("first", "second")]
+    for workdir in workdirs:  # each process with its own PYTHONHASHSEED
+        run_binary("keras_das.search", *args, "--config.deterministic=True", f"--workdir={workdir}")
+    first, second = (_final_state(workdir) for workdir in workdirs)
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    genotypes = [open(os.path.join(w, "genotype.json")).read() for w in workdirs]
+    assert genotypes[0] == genotypes[1]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
