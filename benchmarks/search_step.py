@@ -27,7 +27,7 @@ ratio of medians: only ratios measured in one run count on a noisy machine.
     python benchmarks/search_step.py --sizes D --partial_channels 1 4  # PC-DARTS K=1 vs 4
 
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
-with edge normalisation.
+with edge normalisation (on the fused cells too, as every remedy).
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ The mix of edge ``e`` is ``sum_i w[edge, i] * op_i[..., e, :]``. A state's ``E``
 to the last ``E`` nodes, so the partial sums of the unfinished nodes are one tensor
 ``[batch, h, w, nodes_left, C]`` to which each state's mixes are added in one op.
 
+PC-DARTS's partial channels (``partial_channels=K``): each state's ops are built for
+``C / K`` channels and read the state's first ``C / K``; the bypassed rest is the same on
+every edge from the state, so it is computed (max-pooled at stride 2) and put in
+``channel_shuffle``'s order once per state, then broadcast over the ``E`` mixes (see
+``FusedSearchCell._partial_channel_mix``).
+
 The cell computes what ``SearchCell`` computes with the same weights: same batch
 statistics and moving-statistic updates, outputs equal to float32 rounding (about 1e-6
 relative: summation orders and composed kernels differ), about a third of the graph ops.
@@ -745,9 +751,12 @@ class FusedSearchCell(layers.Layer):
         op_names: candidate ops; all must be fusable (``FUSABLE_OPS``).
         steps: intermediate nodes.
         multiplier: nodes concatenated into the output.
+        partial_channels: PC-DARTS's K: the first ``channels / K`` channels of each state
+            go through the ops, the rest bypass them (see ``MixedOp``).
 
     Raises:
-        ValueError: an op name cannot be fused (use ``SearchCell``).
+        ValueError: an op name cannot be fused (use ``SearchCell``), or
+            ``partial_channels`` does not divide ``channels``.
     """
 
     def __init__(
@@ -758,9 +767,20 @@ class FusedSearchCell(layers.Layer):
         op_names=ops_lib.DARTS_OPS,
         steps=4,
         multiplier=4,
+        partial_channels=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if (
+            not isinstance(partial_channels, int)
+            or partial_channels < 1
+            or channels % partial_channels
+        ):
+            raise ValueError(
+                f"partial_channels must be a positive int dividing channels={channels}, got "
+                f"{partial_channels!r}"
+            )
+        self.partial_channels = partial_channels
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
@@ -779,7 +799,7 @@ class FusedSearchCell(layers.Layer):
             self.sources.append(
                 FusedMixedOps(
                     self.op_names,
-                    channels,
+                    channels // partial_channels,
                     edges=len(self._targets(j)),
                     strides=2 if reduction and j < 2 else 1,
                     name=f"state_{j}",
@@ -799,7 +819,8 @@ class FusedSearchCell(layers.Layer):
         state = ops_lib.strided_shape(s1_shape, 1, self.channels)
         node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
         for j, source in enumerate(self.sources):
-            source.build(state if j < 2 else node_shape)
+            shape = state if j < 2 else node_shape
+            source.build(shape[:-1] + (source.channels,))
         self._output_shape = node_shape[:-1] + (self.multiplier * self.channels,)
 
     def compute_output_shape(self, input_shape):
@@ -811,7 +832,11 @@ class FusedSearchCell(layers.Layer):
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
         for j, source in enumerate(self.sources):
             rows = self._rows(j)
-            mix = source(states[j], tf.gather(mixing_weights, rows, axis=0), training=training)
+            weights = tf.gather(mixing_weights, rows, axis=0)
+            if self.partial_channels > 1:
+                mix = self._partial_channel_mix(source, states[j], weights, training)
+            else:
+                mix = source(states[j], weights, training=training)
             if aux_skip_beta is not None and not (self.reduction and j < 2):
                 # DARTS-: beta * input on every stride-1 edge, broadcast over the edges.
                 beta = ops.cast(aux_skip_beta, mix.dtype)
@@ -831,6 +856,30 @@ class FusedSearchCell(layers.Layer):
                 node = pending
             states.append(ops.squeeze(node, axis=-2))
         return ops.concatenate(states[-self.multiplier :], axis=-1)
+
+    def _partial_channel_mix(self, source, x, mixing_weights, training):
+        """``mixed_op.partial_channel_mix`` for every edge leaving the state ``x``.
+
+        Returns ``[batch, h, w, E, C]``: on edge ``e``, ``channel_shuffle`` of edge ``e``'s
+        mix of the first ``C / K`` channels concatenated with the bypassed rest.
+        """
+        k, part = self.partial_channels, self.channels // self.partial_channels
+        # A split, not slices: the gradient of a slice is a slow scatter.
+        x, rest = ops.split(x, [part], axis=-1)
+        mix = source(x, mixing_weights, training=training)  # [batch, h, w, E, C / K]
+        if source.strides == 2:
+            rest = ops.max_pool(rest, 2, 2, padding="same")
+        # channel_shuffle(concatenate([mix, rest]), K) moves channel i of group g to
+        # i * K + g, where group 0 is the mix and groups 1 .. K - 1 the rest. So the rest,
+        # the same on every edge, is arranged once per state as [..., C / K, K - 1], and
+        # each edge's mix goes in front of it: one concatenation for all edges, no gather.
+        shape = kernels.static_or_dynamic_shape(rest)
+        rest = ops.reshape(rest, (*shape[:-1], k - 1, part))
+        rest = ops.expand_dims(ops.swapaxes(rest, -1, -2), axis=-3)  # [..., 1, C / K, K - 1]
+        mix_shape = kernels.static_or_dynamic_shape(mix)
+        rest = ops.broadcast_to(rest, (*mix_shape, k - 1))
+        out = ops.concatenate([ops.expand_dims(mix, axis=-1), rest], axis=-1)
+        return ops.reshape(out, (*mix_shape[:-1], self.channels))
 
     # -- weights of a per-edge cell -------------------------------------------------------
 
@@ -854,7 +903,15 @@ class FusedSearchCell(layers.Layer):
                 return keras.ops.convert_to_numpy(variable.value)
 
         mine, theirs = self.get_config(), cell.get_config()
-        fields = ("channels", "reduction", "reduction_prev", "op_names", "steps", "multiplier")
+        fields = (
+            "channels",
+            "reduction",
+            "reduction_prev",
+            "op_names",
+            "steps",
+            "multiplier",
+            "partial_channels",
+        )
         differ = [f for f in fields if mine[f] != theirs[f]]
         if differ:
             detail = ", ".join(f"{f}: {theirs[f]!r} vs {mine[f]!r}" for f in differ)
@@ -885,4 +942,5 @@ class FusedSearchCell(layers.Layer):
             "op_names": list(self.op_names),
             "steps": self.steps,
             "multiplier": self.multiplier,
+            "partial_channels": self.partial_channels,
         }

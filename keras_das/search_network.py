@@ -234,11 +234,7 @@ class SearchNetwork(keras.Model):
         self.seed_generator = (
             keras.random.SeedGenerator(seed) if relaxation.startswith("gumbel") else None
         )
-        self.cell_implementation = _resolve_cell_implementation(
-            cell_implementation,
-            self.op_names,
-            partial_channels=partial_channels > 1,
-        )
+        self.cell_implementation = _resolve_cell_implementation(cell_implementation, self.op_names)
         cell_class = SearchCell
         if self.cell_implementation == "fused":
             from keras_das.fused_cell import FusedSearchCell  # imports this module
@@ -264,8 +260,8 @@ class SearchNetwork(keras.Model):
                     self.op_names,
                     steps,
                     multiplier,
+                    partial_channels=partial_channels,
                     name=f"cell_{i}",
-                    **({"partial_channels": partial_channels} if partial_channels > 1 else {}),
                 )
             )
             reduction_prev = reduction
@@ -426,25 +422,18 @@ class SearchNetwork(keras.Model):
         return cls(**{"cell_implementation": "per_edge", **config})
 
 
-def _resolve_cell_implementation(
-    name: str, op_names: Sequence[str], partial_channels: bool = False
-) -> str:
+def _resolve_cell_implementation(name: str, op_names: Sequence[str]) -> str:
     """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``.
 
-    ``partial_channels``: PC-DARTS's partial channels are on; the fused cell does not
-    implement them, so ``auto`` picks the per-edge cell.
+    Only the ops decide: both cells implement every remedy (partial channels, edge
+    normalisation, the auxiliary skip).
     """
     if name not in CELL_IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown cell_implementation {name!r}; expected one of {list(CELL_IMPLEMENTATIONS)}"
         )
-    if name == "per_edge" or (name == "auto" and partial_channels):
+    if name == "per_edge":
         return "per_edge"
-    if partial_channels:
-        raise ValueError(
-            "cell_implementation='fused' does not support partial_channels > 1; use "
-            "'per_edge' or 'auto'"
-        )
     from keras_das import fused_cell  # imports this module
 
     if name == "fused":

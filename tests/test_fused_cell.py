@@ -41,16 +41,25 @@ def _assert_close(actual, expected, rel, what, floor=1e-30):
     assert err <= rel * max(scale, floor), f"{what}: max error {err:.3g}, scale {scale:.3g}"
 
 
-def _cell_pair(reduction, reduction_prev, op_names, steps=4, multiplier=4, size=8, seed=0):
+def _cell_pair(
+    reduction,
+    reduction_prev,
+    op_names,
+    steps=4,
+    multiplier=4,
+    size=8,
+    seed=0,
+    channels=4,
+    partial_channels=1,
+):
     """A per-edge and a fused cell with the same weights, and inputs for them."""
-    channels = 4
     rng = np.random.default_rng(seed)
     s0_size = 2 * size if reduction_prev else size
     s0 = tf.constant(rng.normal(size=(3, s0_size, s0_size, 6)).astype("float32"))
     s1 = tf.constant(rng.normal(size=(3, size, size, 5)).astype("float32"))
     logits = rng.normal(size=(num_edges(steps), len(op_names)))
     w = tf.constant(keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)), "float32")
-    args = (channels, reduction, reduction_prev, op_names, steps, multiplier)
+    args = (channels, reduction, reduction_prev, op_names, steps, multiplier, partial_channels)
     per_edge, fused = SearchCell(*args), FusedSearchCell(*args)
     per_edge.build((s0.shape, s1.shape))
     fused.build((s0.shape, s1.shape))
@@ -106,7 +115,37 @@ def test_fused_cell_matches_the_per_edge_cell(
 ):
     if layout == "tiled":  # the layout of sep and dil convs on more than 16 channels
         monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
-    per_edge, fused, (s0, s1, w) = _cell_pair(reduction, reduction_prev, OP_SUBSETS[subset])
+    per_edge, fused, inputs = _cell_pair(reduction, reduction_prev, OP_SUBSETS[subset])
+    _assert_cells_agree(per_edge, fused, *inputs)
+
+
+@pytest.mark.parametrize("partial_channels", [2, 4])
+@pytest.mark.parametrize(
+    "reduction, reduction_prev, layout",
+    [
+        (False, False, "dense"),
+        (True, False, "dense"),
+        (False, True, "dense"),
+        (True, True, "dense"),
+        (True, False, "tiled"),
+    ],
+)
+def test_partial_channels_match_the_per_edge_cell(
+    partial_channels, reduction, reduction_prev, layout, monkeypatch
+):
+    """PC-DARTS: ops on the first C/K channels, the rest bypassed (pooled at stride 2),
+    channel-shuffled together on every edge."""
+    if layout == "tiled":
+        monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
+    per_edge, fused, inputs = _cell_pair(
+        reduction, reduction_prev, ops_lib.DARTS_OPS, channels=8, partial_channels=partial_channels
+    )
+    assert all(source.channels == 8 // partial_channels for source in fused.sources)
+    _assert_cells_agree(per_edge, fused, *inputs)
+
+
+def _assert_cells_agree(per_edge, fused, s0, s1, w):
+    """Outputs, gradients and moving statistics of a training call, then inference."""
     y_ref, input_grads_ref, grads_ref = _forward_and_grads(per_edge, s0, s1, w)
     y, input_grads, grads = _forward_and_grads(fused, s0, s1, w)
 
@@ -123,7 +162,7 @@ def test_fused_cell_matches_the_per_edge_cell(
     for variable, value in fused.per_edge_values(per_edge):
         if not variable.trainable:
             _assert_close(variable.numpy(), value, 1e-5, f"{variable.path}", floor=1.0)
-    for i, name in enumerate(OP_SUBSETS[subset]):
+    for i, name in enumerate(per_edge.op_names):
         for source in range(2 + per_edge.steps - 1) if "pool" in name else ():
             stats = [
                 [v.numpy() for v in mix.ops[i].non_trainable_variables]
@@ -151,10 +190,20 @@ def test_copying_pools_with_diverged_statistics_is_an_error():
         fused.copy_weights_from(per_edge)
 
 
+@pytest.mark.parametrize("partial_channels, channels", [(1, 4), (4, 8)])
 @pytest.mark.parametrize("reduction", [False, True])
-def test_edge_weights_and_auxiliary_skip_match_the_per_edge_cell(reduction):
-    """PC-DARTS edge weights and DARTS-'s auxiliary skip (stride-1 edges only)."""
-    per_edge, fused, (s0, s1, w) = _cell_pair(reduction, False, OP_SUBSETS["convs"])
+def test_edge_weights_and_auxiliary_skip_match_the_per_edge_cell(
+    reduction, partial_channels, channels
+):
+    """PC-DARTS edge weights and DARTS-'s auxiliary skip (stride-1 edges only), also
+    with partial channels (the edge weight scales the bypassed channels too)."""
+    per_edge, fused, (s0, s1, w) = _cell_pair(
+        reduction,
+        False,
+        OP_SUBSETS["convs"],
+        channels=channels,
+        partial_channels=partial_channels,
+    )
     rng = np.random.default_rng(3)
     edge_weights = tf.constant(rng.uniform(0.2, 1.0, size=num_edges(4)).astype("float32"))
     beta = tf.constant(0.7)
@@ -177,25 +226,42 @@ def test_edge_weights_and_auxiliary_skip_match_the_per_edge_cell(reduction):
     assert float(tf.reduce_max(tf.abs(y - without))) > 0.1  # the extras change the output
 
 
-def test_fused_network_with_edge_normalization_and_auxiliary_skip():
-    extras = dict(edge_normalization=True, aux_skip=True)
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_fused_network_with_pc_darts_and_auxiliary_skip(partial_channels):
+    """Every remedy keeps the fused cells under ``auto``, and ``fused`` accepts them."""
+    extras = dict(edge_normalization=True, aux_skip=True, partial_channels=partial_channels)
     net = testing.tiny_search_network(**extras)
     per_edge = testing.tiny_search_network(**extras, cell_implementation="per_edge")
     assert net.cell_implementation == "fused"
+    assert all(type(cell) is FusedSearchCell for cell in net.cells)
+    assert {cell.partial_channels for cell in net.cells} == {partial_channels}
     x = testing.random_inputs((2, 8, 8, 3))
     net(x), per_edge(x)
     assert [v.path.split("/")[-1] for v in keras_das.arch_variables(net)] == [
         v.path.split("/")[-1] for v in keras_das.arch_variables(per_edge)
     ]
-    assert testing.tiny_search_network(partial_channels=2).cell_implementation == "per_edge"
-    with pytest.raises(ValueError, match="does not support partial_channels"):
-        testing.tiny_search_network(partial_channels=2, cell_implementation="fused")
+    assert variables.count_weights(keras_das.weight_variables(net)) == variables.count_weights(
+        keras_das.weight_variables(per_edge)
+    )
+    explicit = testing.tiny_search_network(**extras, cell_implementation="fused")
+    assert explicit.cell_implementation == "fused"
+    clone = SearchNetwork.from_config(net.get_config())
+    assert clone.cell_implementation == "fused"
+    assert {cell.partial_channels for cell in clone.cells} == {partial_channels}
 
 
-def test_odd_sizes_and_few_steps():
-    """FactorizedReduce and strided ops on a 7x7 input; 2 nodes, 1 concatenated."""
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_odd_sizes_and_few_steps(partial_channels):
+    """FactorizedReduce and strided ops (and the pooled bypass) on a 7x7 input; 2 nodes,
+    1 concatenated."""
     per_edge, fused, (s0, s1, w) = _cell_pair(
-        True, False, ops_lib.DARTS_OPS, steps=2, multiplier=1, size=7
+        True,
+        False,
+        ops_lib.DARTS_OPS,
+        steps=2,
+        multiplier=1,
+        size=7,
+        partial_channels=partial_channels,
     )
     y_ref, input_grads_ref, _ = _forward_and_grads(per_edge, s0, s1, w)
     y, input_grads, _ = _forward_and_grads(fused, s0, s1, w)
@@ -215,20 +281,42 @@ def test_synchronized_batch_norm_falls_back_to_keras():
     _assert_close(fused([s0, s1], w, training=True), y_ref, 1e-5, "synchronized outputs")
 
 
-def test_config_round_trip_and_construction_errors():
-    cell = FusedSearchCell(8, reduction=True, op_names=("none", "skip_connect"), steps=2)
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_config_round_trip_and_construction_errors(partial_channels):
+    kwargs = dict(
+        reduction=True,
+        op_names=("none", "skip_connect"),
+        steps=2,
+        partial_channels=partial_channels,
+    )
+    cell = FusedSearchCell(8, **kwargs)
     clone = FusedSearchCell.from_config(cell.get_config())
     assert clone.get_config() == cell.get_config()
-    reference = SearchCell(8, reduction=True, op_names=("none", "skip_connect"), steps=2)
-    shared = ("channels", "reduction", "reduction_prev", "op_names", "steps", "multiplier")
+    assert clone.partial_channels == partial_channels
+    reference = SearchCell(8, **kwargs)
+    shared = (
+        "channels",
+        "reduction",
+        "reduction_prev",
+        "op_names",
+        "steps",
+        "multiplier",
+        "partial_channels",
+    )
     assert {k: cell.get_config()[k] for k in shared} == {
         k: reference.get_config()[k] for k in shared
     }
     with pytest.raises(ValueError, match=r"Unknown op 'conv_9x9'"):
         FusedSearchCell(8, op_names=("none", "conv_9x9"))
+    for bad in (0, 4, 2.0):
+        with pytest.raises(ValueError, match=r"partial_channels must be a positive int dividing"):
+            FusedSearchCell(6, partial_channels=bad)
     per_edge = SearchCell(4, op_names=("none", "skip_connect"))
     fused = FusedSearchCell(4, op_names=("none", "max_pool_3x3"))
     with pytest.raises(ValueError, match=r"op_names: \['none', 'skip_connect'\] vs"):
+        fused.copy_weights_from(per_edge)
+    fused = FusedSearchCell(4, op_names=("none", "skip_connect"), partial_channels=2)
+    with pytest.raises(ValueError, match=r"partial_channels: 1 vs 2"):
         fused.copy_weights_from(per_edge)
 
 
@@ -304,8 +392,8 @@ def _copy_network(per_edge, fused):
         b.set_weights(a.get_weights())
     for a, b in zip(per_edge.cells, fused.cells):
         b.copy_weights_from(a)
-    fused.alpha_normal.assign(per_edge.alpha_normal)
-    fused.alpha_reduce.assign(per_edge.alpha_reduce)
+    for a, b in zip(keras_das.arch_variables(per_edge), keras_das.arch_variables(fused)):
+        b.assign(a)  # alphas, and betas with edge normalisation
 
 
 def _network_grads(net, x, y):
@@ -323,14 +411,19 @@ def _expected_network_values(per_edge, fused, by_id):
     for a, b in zip(per_edge.cells, fused.cells):
         pairs += [(v, g) for v, g in _mapped(b, a, by_id) if v.trainable]
     pairs += [
-        (fused.alpha_normal, by_id[id(per_edge.alpha_normal)]),
-        (fused.alpha_reduce, by_id[id(per_edge.alpha_reduce)]),
+        (b, by_id[id(a)])
+        for a, b in zip(keras_das.arch_variables(per_edge), keras_das.arch_variables(fused))
     ]
     return pairs
 
 
-def test_network_logits_and_gradients_match():
-    per_edge, fused = _network_pair()
+@pytest.mark.parametrize(
+    "remedies",
+    [{}, dict(partial_channels=2, edge_normalization=True, aux_skip=True)],
+    ids=["plain", "pc_darts_and_aux_skip"],
+)
+def test_network_logits_and_gradients_match(remedies):
+    per_edge, fused = _network_pair(**remedies)
     x = testing.random_inputs((4, 8, 8, 3))
     y = np.array([0, 1, 2, 0])
     loss_ref, grads_ref = _network_grads(per_edge, x, y)

@@ -129,7 +129,7 @@ def test_pc_darts_network_has_betas_and_fewer_weights():
     full.build((None, 16, 16, 3))
     pc = SearchNetwork(channels=8, num_cells=3, partial_channels=4, edge_normalization=True)
     pc.build((None, 16, 16, 3))
-    assert pc.cell_implementation == "per_edge"
+    assert pc.cell_implementation == "fused"  # partial channels run on the fused cells
     assert [tuple(a.shape) for a in keras_das.arch_variables(pc)] == [
         (14, 8),
         (14, 8),
