@@ -771,16 +771,7 @@ class FusedSearchCell(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if (
-            not isinstance(partial_channels, int)
-            or partial_channels < 1
-            or channels % partial_channels
-        ):
-            raise ValueError(
-                f"partial_channels must be a positive int dividing channels={channels}, got "
-                f"{partial_channels!r}"
-            )
-        self.partial_channels = partial_channels
+        self.partial_channels = search_network.check_partial_channels(partial_channels, channels)
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev

@@ -132,6 +132,17 @@ class SearchCell(layers.Layer):
         }
 
 
+def check_partial_channels(partial_channels, channels: int) -> int:
+    """Returns PC-DARTS's K, or raises a ValueError unless it is a positive int dividing
+    ``channels``."""
+    if not isinstance(partial_channels, int) or partial_channels < 1 or channels % partial_channels:
+        raise ValueError(
+            f"partial_channels must be a positive int dividing channels={channels}, got "
+            f"{partial_channels!r}"
+        )
+    return partial_channels
+
+
 def edge_normalization_weights(betas, steps: int):
     """PC-DARTS's edge weights: a softmax over each node's incoming edges' betas."""
     parts = []
@@ -219,16 +230,7 @@ class SearchNetwork(keras.Model):
         self.seed = seed
         self.genotype_max_skips = genotype_max_skips
         self.genotype_min_param_ops = genotype_min_param_ops
-        if (
-            not isinstance(partial_channels, int)
-            or partial_channels < 1
-            or channels % partial_channels
-        ):
-            raise ValueError(
-                f"partial_channels must be a positive int dividing channels={channels}, got "
-                f"{partial_channels!r}"
-            )
-        self.partial_channels = partial_channels
+        self.partial_channels = check_partial_channels(partial_channels, channels)
         self.edge_normalization = bool(edge_normalization)
         self.aux_skip = bool(aux_skip)
         self.seed_generator = (
