@@ -44,36 +44,37 @@ def test_grouped_pointwise_matches_per_group_convolutions(monkeypatch, groups, c
 
 def test_grouped_pointwise_first_and_second_derivatives(monkeypatch):
     """Gradients and a Hessian-vector product agree with the per-group formulation
-    (the architects differentiate through the pointwise convolutions twice)."""
+    (the architects differentiate through the pointwise convolutions twice): the
+    block-diagonal matmul in float64, TensorFlow's grouped kernel (where it can be
+    differentiated; its CPU kernel is float32-only) in float32."""
     rng = np.random.default_rng(1)
     groups, c, d = 3, 2, 4
-    x = tf.constant(rng.normal(size=(2, 4, 4, groups * c)))
-    kernel = tf.constant(rng.normal(size=(1, 1, c, groups * d)))
-    v = tf.constant(rng.normal(size=kernel.shape))
+    arrays = [rng.normal(size=s) for s in ((2, 4, 4, groups * c), (1, 1, c, groups * d))]
+    v_array = rng.normal(size=(1, 1, c, groups * d))
 
     def per_group(x, kernel):
         xs = tf.split(x, groups, axis=-1)
         ks = tf.split(kernel, groups, axis=-1)
         return tf.concat([tf.nn.conv2d(a, k, 1, "VALID") for a, k in zip(xs, ks)], -1)
 
-    def derivatives(f):
+    def derivatives(f, dtype):
+        x, kernel = (tf.constant(a, dtype) for a in arrays)
         with tf.GradientTape() as outer:
             outer.watch([x, kernel])
             with tf.GradientTape() as inner:
                 inner.watch([x, kernel])
                 loss = tf.reduce_sum(tf.sin(f(x, kernel)))
             gx, gk = inner.gradient(loss, [x, kernel])
-            directional = tf.reduce_sum(gk * v)
+            directional = tf.reduce_sum(gk * tf.constant(v_array, dtype))
         hx, hk = outer.gradient(directional, [x, kernel])
         return [t.numpy() for t in (gx, gk, hx, hk)]
 
-    expected = derivatives(per_group)
-    for grouped in [False] + (
-        [True] if kernels.grouped_conv_gradient_supported() and x.dtype == tf.float32 else []
-    ):
+    for grouped in _paths():
+        dtype, tolerance = (tf.float32, 1e-4) if grouped else (tf.float64, 1e-10)
+        expected = derivatives(per_group, tf.float64)
         monkeypatch.setattr(kernels, "grouped_conv_gradient_supported", lambda g=grouped: g)
-        for got, want in zip(derivatives(kernels.grouped_pointwise), expected):
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        for got, want in zip(derivatives(kernels.grouped_pointwise, dtype), expected):
+            np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("onednn", ["0", "1"])
