@@ -157,11 +157,12 @@ def _last_json(result: subprocess.CompletedProcess) -> dict | None:
 def run_peer(args, size: str, mode: str) -> dict | None:
     """One run of the official DARTS step (its own process), or None."""
     spec = SIZES[size]
+    bench = args.peer_bench or os.path.join(
+        os.path.dirname(os.path.abspath(args.peer_dir)), "darts_official_bench.py"
+    )
     cmd = [
         args.peer_python,
-        os.path.join(os.path.dirname(os.path.abspath(args.peer_dir)), "darts_official_bench.py")
-        if args.peer_bench is None
-        else args.peer_bench,
+        bench,
         "--darts_dir",
         args.peer_dir,
         "--layers",

@@ -129,8 +129,8 @@ class FusedBatchNorm(layers.BatchNormalization):
     some ten element-wise ones each; exact second derivatives) and updates the moving
     statistics as ``BatchNormalization`` does, with the biased batch variance (not at all
     inside ``keras_das.ops.discarding_batch_norm_statistics()``, where the caller throws
-    the updates away). Otherwise
-    (inference, synchronised statistics under a strategy, other dtypes) it is
+    the updates away). Otherwise (inference, synchronised statistics under a strategy,
+    other dtypes) it is
     ``BatchNormalization``. Forward + backward of a normal cell at size S: 278 ms with
     it, 334 ms with ``BatchNormalization`` (mixing weights multiplied separately in both).
 
