@@ -405,14 +405,50 @@ DARTS_V2 = Genotype(
 )
 
 GENOTYPES = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}
+RANDOM_PREFIX = "random:"
+
+
+def random_genotype(
+    seed: int, op_names: Sequence[str] = ops_lib.DARTS_OPS, steps: int = 4
+) -> Genotype:
+    """A genotype drawn by the DARTS random-search rule (the baseline a search must beat).
+
+    Every intermediate node of each cell reads two distinct inputs drawn uniformly from the
+    nodes before it, each through an op drawn uniformly from ``op_names`` without ``none``;
+    the cell concatenates all its intermediate nodes. The same seed gives the same genotype.
+    """
+    candidates = [op for op in op_names if op != "none"]
+    if not candidates:
+        raise ValueError(f"random_genotype needs an op other than 'none', got {list(op_names)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"random_genotype needs steps >= 1, got {steps!r}")
+    rng = np.random.default_rng(seed)
+
+    def cell() -> Gene:
+        gene = []
+        for node in range(steps):
+            for j in sorted(rng.choice(2 + node, size=2, replace=False)):
+                gene.append((candidates[rng.integers(len(candidates))], int(j)))
+        return tuple(gene)
+
+    concat = tuple(range(2, 2 + steps))
+    return Genotype(normal=cell(), normal_concat=concat, reduce=cell(), reduce_concat=concat)
 
 
 def get_genotype(name_or_path: str) -> Genotype:
-    """A named genotype (``DARTS_V2``) or one loaded from a JSON file."""
+    """A named genotype (``DARTS_V2``), ``random:SEED`` or one loaded from a JSON file."""
     if name_or_path in GENOTYPES:
         return GENOTYPES[name_or_path]
+    if name_or_path.startswith(RANDOM_PREFIX):
+        seed = name_or_path[len(RANDOM_PREFIX) :]
+        if not seed.isdigit():
+            raise ValueError(
+                f"Genotype {name_or_path!r}: expected {RANDOM_PREFIX}SEED with SEED an integer >= 0"
+            )
+        return random_genotype(int(seed))
     if name_or_path.endswith(".json"):
         return Genotype.load(name_or_path)
     raise ValueError(
-        f"Unknown genotype {name_or_path!r}; expected a .json file or one of {sorted(GENOTYPES)}"
+        f"Unknown genotype {name_or_path!r}; expected a .json file, {RANDOM_PREFIX}SEED or one "
+        f"of {sorted(GENOTYPES)}"
     )

@@ -27,7 +27,9 @@ from keras_das import checkpoint as checkpoint_lib
 from keras_das import data
 from keras_das import distribution
 from keras_das import experiment
+from keras_das import gap_report
 from keras_das import io_utils
+from keras_das import latency as latency_lib
 from keras_das import plot
 from keras_das import variables
 from keras_das.discrete_network import DiscreteNetwork
@@ -166,6 +168,10 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         num_test_examples=info.num_test,
         parameters=variables.count_weights(net.trainable_variables) - variables.count_weights(aux),
         auxiliary_parameters=variables.count_weights(aux),
+        flops=gap_report.count_flops(net, info.image_shape),
+        latency_ms=latency_lib.network_latency(net, info.image_shape, batch_size=1),
+        latency_batch_size=1,
+        device=latency_lib.device_key(),
     )
     if chief:
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:

@@ -103,6 +103,47 @@ def test_unknown_named_genotype():
         genotype_lib.get_genotype("DARTS_V9")
 
 
+def test_random_genotypes_follow_the_darts_rule():
+    """Two distinct inputs per node, ops uniform over the non-none ops, reproducible."""
+    draws = [genotype_lib.random_genotype(seed) for seed in range(400)]
+    assert genotype_lib.random_genotype(7) == draws[7]
+    assert genotype_lib.get_genotype("random:7") == draws[7]
+    assert len({d.to_json() for d in draws}) == len(draws)
+    counts = dict.fromkeys(DARTS_OPS, 0)
+    for g in draws:
+        assert g.normal_concat == g.reduce_concat == (2, 3, 4, 5)
+        for gene in (g.normal, g.reduce):
+            for node in range(4):
+                (op_a, a), (op_b, b) = gene[2 * node : 2 * node + 2]
+                assert a != b and 0 <= a < b < 2 + node
+                counts[op_a] += 1
+                counts[op_b] += 1
+            assert (gene[0][1], gene[1][1]) == (0, 1)  # node 0 can only read 0 and 1
+    assert counts["none"] == 0
+    # 6400 draws over 7 ops: 914 expected each, std ~28; a 5-sigma band.
+    expected = 400 * 2 * 8 / 7
+    for op in DARTS_OPS[1:]:
+        assert abs(counts[op] - expected) < 5 * np.sqrt(expected), (op, counts)
+    # A smaller space: only its ops, none still excluded.
+    small = genotype_lib.random_genotype(3, ("none", "skip_connect", "sep_conv_3x3"), steps=2)
+    assert {op for op, _ in small.normal + small.reduce} <= {"skip_connect", "sep_conv_3x3"}
+    assert small.steps == 2
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("random:x", r"random:SEED with SEED an integer"), ("random:-1", r"integer >= 0")],
+)
+def test_bad_random_genotype_names(name, message):
+    with pytest.raises(ValueError, match=message):
+        genotype_lib.get_genotype(name)
+
+
+def test_random_genotype_needs_a_real_op():
+    with pytest.raises(ValueError, match=r"needs an op other than 'none', got \['none'\]"):
+        genotype_lib.random_genotype(0, ("none",))
+
+
 def _all_skip_weights():
     """Hand-made normal-cell weights where skip_connect wins every edge, sep_conv_3x3 second."""
     w = np.full((14, 8), 0.01)

@@ -21,7 +21,8 @@ def check_train_workdir(workdir, epochs, tflite=True):
     with open(os.path.join(workdir, "train_summary.json")) as f:
         summary = json.load(f)
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["test_loss"])
-    assert summary["parameters"] > 0
+    assert summary["parameters"] > 0 and summary["flops"] > 2 * summary["parameters"]
+    assert summary["latency_ms"] > 0 and summary["latency_batch_size"] == 1
     genotype = keras_das.Genotype.load(os.path.join(workdir, "genotype.json"))
     assert keras_das.Genotype.from_dict(summary["genotype"]) == genotype
     with open(os.path.join(workdir, "config.json")) as f:
@@ -113,7 +114,11 @@ def test_malformed_genotype_file(tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("genotype", "DARTS_V9", r"Unknown genotype 'DARTS_V9'; expected a .json file or one of"),
+        (
+            "genotype",
+            "DARTS_V9",
+            r"Unknown genotype 'DARTS_V9'; expected a .json file, random:SEED or one of",
+        ),
         ("model.drop_path", 1.5, r"config.model.drop_path must be in \[0, 1\), got 1.5"),
         ("distribution.strategy", "ps", r"Unknown distribution.strategy 'ps'"),
         ("model.num_cells", 0, r"config.model.num_cells must be a positive int, got 0"),
