@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {
             "architect": "first_order",  # first_order, second_order, exact
             "lr": 3e-4,
+            # Searches shorter than this many architecture steps (DARTS's 50 epochs x 391)
+            # get lr x 19550 / steps, so that the alphas can move as far (0: off).
+            "lr_reference_steps": 19550,
             "beta_1": 0.5,
             "beta_2": 0.999,
             "weight_decay": 1e-3,

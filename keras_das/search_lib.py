@@ -17,8 +17,10 @@ Running the same command again on the same workdir resumes from the last checkpo
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,6 +38,8 @@ from keras_das import latency as latency_lib
 from keras_das import ops as ops_lib
 from keras_das import relaxations
 from keras_das import remedies as remedies_lib
+from keras_das import variables
+from keras_das.genotype import Genotype
 from keras_das.schedules import EpochCosineDecay
 from keras_das.search_model import SearchModel
 from keras_das.search_model import pair_datasets
@@ -75,6 +79,13 @@ def validate_config(config) -> None:
         "checkpoint_every_epochs",
     )
     experiment.check_positive(config, "optimizer.lr", "arch.lr", integer=False)
+    if not (
+        isinstance(config.arch.lr_reference_steps, int) and config.arch.lr_reference_steps >= 0
+    ):
+        raise ValueError(
+            "config.arch.lr_reference_steps must be an int >= 0 (0: no scaling), got "
+            f"{config.arch.lr_reference_steps!r}"
+        )
     if config.model.multiplier > config.model.steps:
         raise ValueError(
             f"config.model.multiplier={config.model.multiplier} exceeds config.model.steps="
@@ -153,7 +164,10 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
     search.compile(
         weight_optimizer=keras.optimizers.SGD(lr, momentum=config.optimizer.momentum),
         arch_optimizer=keras.optimizers.Adam(
-            config.arch.lr, beta_1=config.arch.beta_1, beta_2=config.arch.beta_2, epsilon=1e-8
+            arch_learning_rate(config, steps_per_epoch),
+            beta_1=config.arch.beta_1,
+            beta_2=config.arch.beta_2,
+            epsilon=1e-8,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
@@ -167,6 +181,22 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
         steps_per_execution=config.steps_per_execution,
     )
     return search
+
+
+def arch_learning_rate(config, steps_per_epoch: int) -> float:
+    """``arch.lr``, scaled up for searches shorter than ``arch.lr_reference_steps`` steps.
+
+    Adam moves each alpha by about its learning rate per step whatever the gradient's
+    scale, so how far the alphas can travel in a search is about lr x its architecture
+    steps. DARTS's 3e-4 was set for 50 epochs of 391 steps (19550); a search of N < 19550
+    steps gets ``lr * 19550 / N`` so that they can travel as far, and a longer one keeps
+    ``lr``. Without it, a search of a few hundred steps ends with the mixing weights still
+    uniform and a genotype decided by noise. ``lr_reference_steps=0`` turns it off.
+    """
+    reference = config.arch.lr_reference_steps
+    frozen = config.remedies.warmup.epochs if config.remedies.warmup.enabled else 0
+    arch_steps = max(1, (config.epochs - frozen) * steps_per_epoch)
+    return config.arch.lr * max(1.0, reference / arch_steps) if reference else config.arch.lr
 
 
 def derivation_options(config) -> dict:
@@ -328,6 +358,12 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         c: genotype.count("skip_connect", c) for c in ("normal", "reduce")
     }
     summary["alphas"] = {a.path: a.numpy().tolist() for a in search.arch_vars}
+    summary["mixing_entropy"] = {
+        name: float(relaxations.entropy(w))
+        for name, w in variables.mixing_weights(search.supernet).items()
+    }
+    summary["max_mixing_entropy"] = math.log(len(config.model.op_names))
+    logging.info("%s", describe(summary))
     if chief:
         genotype.save(os.path.join(workdir, "genotype.json"))
         summary_dir = workdir
@@ -337,6 +373,20 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         os.path.join(summary_dir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
     )
     return summary
+
+
+def describe(summary: dict) -> str:
+    """What a search decided, in words: each cell's mixing entropy and the ops it chose."""
+    genotype = Genotype.from_dict(summary["genotype"])
+    uniform = summary["max_mixing_entropy"]
+    lines = [f"Search result (mixing entropy, mean over edges in nats; uniform: {uniform:.4f}):"]
+    for name, value in summary["mixing_entropy"].items():
+        lines.append(f"  {name}: entropy {value:.4f}")
+    for cell in ("normal", "reduce"):
+        counts = collections.Counter(op for op, _ in getattr(genotype, cell))
+        chosen = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
+        lines.append(f"  {cell} cell chose: {chosen}")
+    return "\n".join(lines)
 
 
 def write_gap_report(config, search, genotype, info, workdir) -> dict:

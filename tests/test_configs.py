@@ -72,6 +72,7 @@ SEARCH_DEFAULT = {
     "arch": {
         "architect": "first_order",
         "lr": 3e-4,
+        "lr_reference_steps": 19550,
         "beta_1": 0.5,
         "beta_2": 0.999,
         "weight_decay": 1e-3,

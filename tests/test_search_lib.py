@@ -80,6 +80,12 @@ def check_search_workdir(workdir, epochs):
         summary = json.load(f)
     assert keras_das.Genotype.from_dict(summary["genotype"]) == genotype
     assert 0.0 <= summary["final_metrics"]["arch_val_accuracy"] <= 1.0
+    assert sorted(name.rpartition("/")[2] for name in summary["mixing_entropy"]) == [
+        "normal",
+        "reduce",
+    ]
+    for value in summary["mixing_entropy"].values():
+        assert 0.0 <= value <= summary["max_mixing_entropy"] + 1e-6
     for png in ("genotype.png", "alphas_normal.png", "alphas_reduce.png"):
         with open(os.path.join(workdir, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
@@ -110,6 +116,13 @@ def test_search_binary_smoke_preset(tmp_path):
     run_binary("keras_das.search", "--config=configs/cifar.py:smoke", f"--workdir={workdir}")
     summary = check_search_workdir(workdir, cifar.get_config("smoke").epochs)
     assert summary["resumed_from_epoch"] == 0
+    # The search decides: the normal cell's mixing weights moved away from uniform (ln 8 =
+    # 2.079; measured 1.74-1.77 over two seeds) toward what the built-in data rewards, ops
+    # that see 5+ pixels (convolutions, 7 of 8 edges in both), not pools or skips.
+    (normal,) = [v for k, v in summary["mixing_entropy"].items() if k.endswith("normal")]
+    assert normal < 1.9, summary["mixing_entropy"]
+    convs = [op for op, _ in summary["genotype"]["normal"] if "conv" in op]
+    assert len(convs) >= 6, summary["genotype"]["normal"]
 
 
 @pytest.mark.e2e
@@ -310,6 +323,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         ("data.train_portion", 1.5, r"data.train_portion must be in \(0, 1\), got 1.5"),
         ("data.name", "cifar11", r"cifar11"),
         ("data.batch_size", 100000, r"batch"),
+        (
+            "arch.lr_reference_steps",
+            -5,
+            r"config.arch.lr_reference_steps must be an int >= 0 \(0: no scaling\), got -5",
+        ),
     ],
 )
 def test_bad_configs_fail_before_training(field, value, message, tmp_path):
@@ -317,6 +335,18 @@ def test_bad_configs_fail_before_training(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         search_lib.run(tiny_config(**{field: value}), workdir, verbose=0)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_arch_learning_rate_scales_up_short_searches():
+    config = cifar.get_config()  # the paper: 50 epochs of 391 steps at 3e-4
+    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(3e-4)
+    assert search_lib.arch_learning_rate(config, 2 * 391) == 3e-4  # longer: unchanged
+    config.epochs = 5
+    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(3e-3)
+    config.remedies.warmup.enabled, config.remedies.warmup.epochs = True, 4  # alphas frozen
+    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(1.5e-2)
+    config.arch.lr_reference_steps = 0
+    assert search_lib.arch_learning_rate(config, 391) == 3e-4
 
 
 def test_bad_config_from_the_command_line_names_the_field(tmp_path):
