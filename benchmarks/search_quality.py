@@ -195,6 +195,17 @@ def retrain_jobs(preset: Preset, records: dict, data_flags, workdir: str) -> lis
     return jobs
 
 
+def priority(preset: Preset, job: Job) -> int:
+    """The order of a sitting: the default architect's searches, then one retrain per seed
+    of every genotype there is, then the other searches, then the spread's extra seeds; so
+    that a study cut short still compares searched with random genotypes."""
+    default = next(iter(preset.searches))
+    if job.kind == "search":
+        return 0 if job.name.startswith(default + "_s") else 2
+    seed = int(job.name.rpartition("__s")[2])
+    return 1 if seed in preset.retrain_seeds else 3
+
+
 def run_job(job: Job, workdir: str, results: str) -> bool:
     """Runs one job's binary (resuming its workdir) and writes its record; True if it did."""
     # The workdir is named by the job's flags: a job with another budget starts afresh
@@ -448,8 +459,7 @@ def main():
             results, {k: {j.name: j for j in jobs if j.kind == k} for k in ("search", "retrain")}
         )
         todo = [j for j in jobs if j.name not in records[j.kind] and j.name not in failed]
-        # Retrains of genotypes that exist now come before searches that make new ones.
-        todo.sort(key=lambda j: j.kind == "search")
+        todo.sort(key=lambda j: priority(preset, j))
         print(f"{len(jobs) - len(todo)} of {len(jobs)} known jobs done", flush=True)
         if not todo or (time.time() - start) / 60 > args.max_minutes:
             break
