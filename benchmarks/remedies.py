@@ -1,7 +1,7 @@
 """Vanilla DARTS vs DARTS with remedies, and latency-constrained vs unconstrained search.
 
-Runs real searches on CIFAR-10 (the shared TFDS copy by default) at a size that takes
-minutes on a CPU and prints what each ended with: skip connections per cell, the
+Runs real searches on CIFAR-10 (from --data_dir, else TFDS's data dir or TFDS_DATA_DIR) at a
+size that takes minutes on a CPU and prints what each ended with: skip connections per cell, the
 discretisation-gap report (supernet vs derived accuracy with inherited weights), and the
 derived network's parameters, FLOPs and measured latency.
 
@@ -28,7 +28,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import cifar  # noqa: E402
-from keras_das import data  # noqa: E402
 from keras_das.ops import DARTS_OPS  # noqa: E402
 
 SPACES = {
@@ -40,7 +39,7 @@ SPACES = {
 
 def base_config(args):
     config = cifar.get_config("cifar_smoke")
-    config.data.data_dir = args.data_dir or data.default_shared_tfds_dir()
+    config.data.data_dir = args.data_dir  # None: TFDS's data dir (TFDS_DATA_DIR)
     config.data.num_examples = args.examples
     config.data.batch_size = args.batch
     config.epochs = args.epochs

@@ -12,8 +12,8 @@ Presets:
         batch 64, CIFAR-10's train split halved into search-train and search-val.
     smoke: the built-in ``synthetic`` dataset (no download), 5 cells of 8 channels,
         1000 examples, 3 epochs: an end-to-end run in minutes on a CPU.
-    cifar_smoke: the same on the first 1000 CIFAR-10 training images, read from the shared
-        copy in ../shared/tfds when there is one (else from the TFDS default data dir).
+    cifar_smoke: the same on the first 1000 CIFAR-10 training images, from TFDS's data dir
+        (``TFDS_DATA_DIR``, else ~/tensorflow_datasets; or set ``data.data_dir``).
 """
 
 from __future__ import annotations
@@ -120,6 +120,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.num_cells = 5
     if preset == "smoke":
         config.data.name = data.SYNTHETIC
-    if preset == "cifar_smoke":
-        config.data.data_dir = data.default_shared_tfds_dir()
     return config

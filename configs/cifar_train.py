@@ -11,8 +11,8 @@ Presets:
         channels, 600 epochs, batch 96, auxiliary head, cutout 16, drop-path 0.2.
     smoke: the built-in ``synthetic`` dataset (no download), 5 cells of 8 channels,
         1000 training and 500 test examples, 2 epochs.
-    cifar_smoke: the same on CIFAR-10, read from the shared copy in ../shared/tfds when
-        there is one (else from the TFDS default data dir).
+    cifar_smoke: the same on CIFAR-10, from TFDS's data dir (``TFDS_DATA_DIR``, else
+        ~/tensorflow_datasets; or set ``data.data_dir``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.num_cells = 5
     if preset == "smoke":
         config.data.name = data.SYNTHETIC
-    if preset == "cifar_smoke":
-        config.data.data_dir = data.default_shared_tfds_dir()
     return config

@@ -113,13 +113,6 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
     return config
 
 
-def default_shared_tfds_dir() -> str | None:
-    """The shared TFDS data dir, ``../shared/tfds`` beside the repository, if it exists."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.normpath(os.path.join(root, "..", "shared", "tfds"))
-    return path if os.path.isdir(path) else None
-
-
 def get_info(data_config: Any) -> DatasetInfo:
     """Describes the dataset a data config names, preparing it if needed.
 

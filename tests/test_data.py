@@ -15,16 +15,11 @@ import tensorflow_datasets as tfds
 from keras import layers
 
 from keras_das import data
+from tests.testing import CIFAR10_DATA_DIR
+from tests.testing import needs_cifar10
 
 CIFAR10_README_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_README_STD = (0.24703223, 0.24348513, 0.26158784)
-
-SHARED_TFDS = data.default_shared_tfds_dir()
-HAS_CIFAR10 = SHARED_TFDS is not None and os.path.isdir(os.path.join(SHARED_TFDS, "cifar10"))
-needs_cifar10 = pytest.mark.skipif(
-    not HAS_CIFAR10,
-    reason="the prepared CIFAR-10 is not in ../shared/tfds (see /work/shared/tfds/README.md)",
-)
 
 
 def data_config(**overrides):
@@ -114,7 +109,7 @@ def test_mock_tfds_test_split_is_one_ordered_pass_with_a_partial_batch(tmp_path)
 
 @needs_cifar10
 def test_cifar10_search_split():
-    config = data_config(name="cifar10", data_dir=SHARED_TFDS, num_examples=640)
+    config = data_config(name="cifar10", data_dir=CIFAR10_DATA_DIR, num_examples=640)
     train, val, info, steps = data.search_datasets(config, 64, seed=2, epochs=1)
     assert info == data.DatasetInfo(
         name="cifar10",
@@ -140,7 +135,7 @@ def test_cifar10_search_split():
 @needs_cifar10
 def test_cifar10_statistics_match_the_data():
     """The known statistics (from the tfds README) agree with the prepared data."""
-    config = data_config(name="cifar10", data_dir=SHARED_TFDS, num_test_examples=2000)
+    config = data_config(name="cifar10", data_dir=CIFAR10_DATA_DIR, num_test_examples=2000)
     _, test, info, _ = data.train_datasets(config, 500, seed=0, epochs=1)
     assert (info.mean, info.std) == (CIFAR10_README_MEAN, CIFAR10_README_STD)
     x = np.concatenate([x for x, _ in test.as_numpy_iterator()])
@@ -152,7 +147,7 @@ def test_cifar10_statistics_match_the_data():
 
 @needs_cifar10
 def test_cifar10_resumed_stream_sees_the_same_batches():
-    config = data_config(name="cifar10", data_dir=SHARED_TFDS, num_examples=256, cutout=16)
+    config = data_config(name="cifar10", data_dir=CIFAR10_DATA_DIR, num_examples=256, cutout=16)
     full, _, _, steps = data.train_datasets(config, 64, seed=0, epochs=3)
     resumed, _, _, _ = data.train_datasets(config, 64, seed=0, initial_epoch=2, epochs=3)
     expected = list(full.skip(2 * steps).as_numpy_iterator())
@@ -388,9 +383,3 @@ def test_bad_config_values(overrides, match):
 def test_bad_epoch_range():
     with pytest.raises(ValueError, match="epochs must be None or larger than initial_epoch=3"):
         data.train_datasets(data_config(), 8, seed=0, initial_epoch=3, epochs=3)
-
-
-def test_default_shared_tfds_dir():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
-    expected = os.path.normpath(os.path.join(root, "..", "shared", "tfds"))
-    assert data.default_shared_tfds_dir() == (expected if os.path.isdir(expected) else None)

@@ -19,8 +19,8 @@ from keras_das import search_lib
 from tests.binaries import ROOT
 from tests.binaries import run_binary
 from tests.binaries import start_binary
+from tests.testing import needs_cifar10
 
-SHARED_TFDS = data.default_shared_tfds_dir()
 # A space small enough for quick tests; the presets run the full 8 ops.
 TINY_OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
 TINY = (
@@ -126,7 +126,7 @@ def test_search_binary_smoke_preset(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(SHARED_TFDS is None, reason="the real CIFAR-10 (../shared/tfds) is not here")
+@needs_cifar10
 def test_search_binary_on_real_cifar10(tmp_path):
     """The cifar_smoke preset, on fewer images and epochs (the README's main command runs
     the whole smoke preset in the test above; this one is about the TFDS path)."""

@@ -10,11 +10,9 @@ import tensorflow as tf
 
 import keras_das
 from configs import cifar_train
-from keras_das import data
 from keras_das import train_lib
 from tests.binaries import run_binary
-
-SHARED_TFDS = data.default_shared_tfds_dir()
+from tests.testing import needs_cifar10
 
 
 def check_train_workdir(workdir, epochs, tflite=True):
@@ -67,7 +65,7 @@ def test_train_binary_smoke_preset_with_a_searched_genotype(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(SHARED_TFDS is None, reason="the real CIFAR-10 (../shared/tfds) is not here")
+@needs_cifar10
 def test_train_binary_on_real_cifar10_with_a_named_genotype(tmp_path):
     workdir = str(tmp_path / "train")
     run_binary(

@@ -6,6 +6,17 @@ import os
 
 import keras
 import numpy as np
+import pytest
+
+# The prepared CIFAR-10 that TFDS reads offline: TFDS_DATA_DIR, which CI and conftest.py set
+# (to ../shared/tfds beside the checkout when it is there). Tests that need it skip without.
+CIFAR10_DATA_DIR = os.environ.get("TFDS_DATA_DIR")
+if not (CIFAR10_DATA_DIR and os.path.isdir(os.path.join(CIFAR10_DATA_DIR, "cifar10"))):
+    CIFAR10_DATA_DIR = None
+needs_cifar10 = pytest.mark.skipif(
+    CIFAR10_DATA_DIR is None,
+    reason="no prepared CIFAR-10 where TFDS_DATA_DIR points (see ../shared/tfds/README.md)",
+)
 
 # A search network small enough for unit tests (3 cells of 2 nodes, 4 channels).
 TINY_NETWORK = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
