@@ -99,7 +99,7 @@ PRESETS = {
     ),
     "full": Preset(
         search=(
-            "--config.data.num_examples=10000",
+            "--config.data.num_examples=5000",
             "--config.data.batch_size=64",
             "--config.model.num_cells=5",
             "--config.model.channels=8",
@@ -113,15 +113,15 @@ PRESETS = {
         },
         random=10,
         retrain=(
-            "--config.data.num_examples=10000",
-            "--config.data.num_test_examples=5000",
+            "--config.data.num_examples=5000",
+            "--config.data.num_test_examples=10000",
             "--config.data.batch_size=64",
-            "--config.model.num_cells=6",
+            "--config.model.num_cells=5",
             "--config.model.channels=16",
             "--config.model.auxiliary=False",
             "--config.model.drop_path=0.0",
             "--config.data.cutout=0",
-            "--config.epochs=10",
+            "--config.epochs=8",
         ),
         retrain_seeds=(0, 1),
         spread=("DARTS_V2", (2, 3, 4)),
