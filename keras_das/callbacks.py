@@ -123,21 +123,19 @@ class CheckpointEveryEpoch(keras.callbacks.Callback):
         epochs: int,
         every: int = 1,
         nan_guard: NaNGuard | None = None,
-        write: bool = True,
     ):
         super().__init__()
         self.checkpoint = checkpoint
         self.epochs = epochs
         self.every = max(1, int(every))
         self.nan_guard = nan_guard
-        self.write = write
 
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_guard is not None and self.nan_guard.failure is not None:
             return
         finished = epoch + 1
         last = finished == self.epochs or self.model.stop_training  # e.g. stopped early
-        if self.write and (finished % self.every == 0 or last):
+        if finished % self.every == 0 or last:
             self.checkpoint.save(finished)
 
 
@@ -172,8 +170,7 @@ class DropPathSchedule(keras.callbacks.Callback):
         self.epochs = epochs
 
     def on_epoch_begin(self, epoch, logs=None):
-        network = getattr(self.model, "network", self.model)
-        network.drop_path_rate.assign(self.rate * epoch / self.epochs)
+        self.model.drop_path_rate.assign(self.rate * epoch / self.epochs)
 
 
 class SearchArtifacts(keras.callbacks.Callback):

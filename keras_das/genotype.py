@@ -71,9 +71,6 @@ class Genotype:
         """Number of intermediate nodes per cell."""
         return len(self.normal) // self.inputs_per_node
 
-    def op_names(self) -> set[str]:
-        return {op for op, _ in self.normal + self.reduce}
-
     def validate_ops(self, valid: Sequence[str] | None = None) -> Genotype:
         """Raises if the genotype names an op outside ``valid`` (default: the registry)."""
         valid = tuple(ops_lib.OPS if valid is None else valid)

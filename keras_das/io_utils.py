@@ -40,12 +40,6 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-
 def remove_stale_temporaries(directory: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Removes the temporary files that writes killed mid-way left under ``directory``.
 

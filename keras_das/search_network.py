@@ -418,11 +418,6 @@ class SearchNetwork(keras.Model):
             "cell_implementation": self.cell_implementation,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        # Networks saved before the fused cell existed were per-edge.
-        return cls(**{"cell_implementation": "per_edge", **config})
-
 
 def _resolve_cell_implementation(name: str, op_names: Sequence[str]) -> str:
     """``fused`` or ``per_edge`` for the ``cell_implementation`` argument ``name``.
