@@ -195,15 +195,16 @@ def retrain_jobs(preset: Preset, records: dict, data_flags, workdir: str) -> lis
     return jobs
 
 
-def priority(preset: Preset, job: Job) -> int:
-    """The order of a sitting: the default architect's searches, then one retrain per seed
-    of every genotype there is, then the other searches, then the spread's extra seeds; so
-    that a study cut short still compares searched with random genotypes."""
+def priority(preset: Preset, job: Job) -> tuple[int, int]:
+    """The order of a sitting: the default architect's searches, then every genotype there
+    is retrained with the first seed, then with the second, ..., then the other searches,
+    then the spread's extra seeds; so that a study cut short still compares searched with
+    random genotypes."""
     default = next(iter(preset.searches))
     if job.kind == "search":
-        return 0 if job.name.startswith(default + "_s") else 2
+        return (0, 0) if job.name.startswith(default + "_s") else (2, 0)
     seed = int(job.name.rpartition("__s")[2])
-    return 1 if seed in preset.retrain_seeds else 3
+    return (1, seed) if seed in preset.retrain_seeds else (3, seed)
 
 
 def run_job(job: Job, workdir: str, results: str) -> bool:

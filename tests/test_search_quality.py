@@ -36,6 +36,7 @@ def test_a_fresh_study_plans_every_search_and_the_known_retrains(tmp_path):
     assert len(retrains) == 12 * 2 + 3 and "random_9__s1" in retrains
     order = sorted(jobs, key=lambda j: sq.priority(PRESET, j))
     assert [j.name for j in order[:3]] == ["first_order_s0", "first_order_s1", "first_order_s2"]
+    assert order[3].name == "DARTS_V1__s0" and order[3 + 12].name == "DARTS_V1__s1"
     assert order[-1].name == "DARTS_V2__s4"
     (remedies,) = [j for j in jobs if j.name == "first_order+remedies_s0"]
     assert "--config.remedies.warmup.epochs=3" in remedies.args  # 15 of 50 epochs, of 10
