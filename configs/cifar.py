@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # FBNet / ProxylessNAS: + weight * expected latency (ms, batch batch_size) with a
             # table measured here and cached, or a JSON table given in `table`.
             "latency": {"enabled": False, "weight": 0.01, "table": "", "batch_size": 1},
+            # DARTS-PT's selection: each edge keeps the op whose removal raises the
+            # supernet's validation loss most (on `batches` batches), not the largest alpha.
+            "perturbation": {"enabled": False, "batches": 10},
             # The discretisation-gap report at the end of the search.
             "gap_report": {"enabled": True, "recalibration_batches": 20},
         }

@@ -38,6 +38,7 @@ from keras_das import latency as latency_lib
 from keras_das import ops as ops_lib
 from keras_das import relaxations
 from keras_das import remedies as remedies_lib
+from keras_das import selection
 from keras_das import variables
 from keras_das.genotype import Genotype
 from keras_das.schedules import EpochCosineDecay
@@ -116,6 +117,8 @@ def validate_config(config) -> None:
                 f"config.remedies.partial_channels.k={r.partial_channels.k} must divide "
                 f"config.model.channels={config.model.channels}"
             )
+    if r.perturbation.enabled:
+        experiment.check_positive(config, "remedies.perturbation.batches")
     if r.warmup.enabled and not 0 <= r.warmup.epochs:
         raise ValueError(f"config.remedies.warmup.epochs must be >= 0, got {r.warmup.epochs!r}")
     if r.latency.table and not os.path.exists(r.latency.table):
@@ -351,6 +354,11 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             summary["early_stop"] = json.load(f)
     summary["wall_time_s"] = time.time() - start
     genotype = net.genotype()
+    if config.remedies.perturbation.enabled:
+        summary["argmax_genotype"] = genotype.to_dict()
+        selection_start = time.time()
+        genotype = select_by_perturbation(config, net)
+        summary["perturbation_selection_s"] = time.time() - selection_start
     if config.remedies.gap_report.enabled and chief:
         summary["gap_report"] = write_gap_report(config, search, genotype, info, workdir)
     summary["genotype"] = genotype.to_dict()
@@ -387,6 +395,14 @@ def describe(summary: dict) -> str:
         chosen = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
         lines.append(f"  {cell} cell chose: {chosen}")
     return "\n".join(lines)
+
+
+def select_by_perturbation(config, net) -> Genotype:
+    """DARTS-PT's selection (``keras_das.selection``) on search-val batches."""
+    _, val, _, _ = data.search_datasets(config.data, config.data.batch_size, config.seed + 1)
+    batches = list(val.take(config.remedies.perturbation.batches))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return selection.perturbation_genotype(net, batches, loss)
 
 
 def write_gap_report(config, search, genotype, info, workdir) -> dict:

@@ -371,19 +371,24 @@ class SearchNetwork(keras.Model):
             out.append(keras.ops.convert_to_tensor(w, dtype=self.compute_dtype))
         return tuple(out)
 
-    def genotype(self, k: int = 2, max_skips=None, min_param_ops=None) -> genotype_lib.Genotype:
+    def genotype(
+        self, k: int = 2, max_skips=None, min_param_ops=None, weights=None
+    ) -> genotype_lib.Genotype:
         """The architecture the current alphas choose, by the DARTS rule.
 
         ``max_skips`` and ``min_param_ops`` constrain the normal cell (see
         ``keras_das.genotype.derive_genotype``); they default to the network's
-        ``genotype_max_skips`` / ``genotype_min_param_ops``.
+        ``genotype_max_skips`` / ``genotype_min_param_ops``. ``weights``
+        (``{"normal": [edges, ops], "reduce": ...}``) ranks the (edge, op) pairs instead of
+        the mixing weights, e.g. ``keras_das.selection``'s perturbation scores.
         """
         if max_skips is None:
             max_skips = self.genotype_max_skips
         if min_param_ops is None:
             min_param_ops = self.genotype_min_param_ops
-        weights = self.get_mixing_weights()
-        if self.edge_normalization:  # PC-DARTS ranks edges by op weight times edge weight
+        given = weights is not None
+        weights = dict(weights) if given else self.get_mixing_weights()
+        if self.edge_normalization and not given:  # PC-DARTS: op weight times edge weight
             for cell, edge in zip(("normal", "reduce"), self.edge_weights()):
                 weights[cell] = weights[cell] * keras.ops.convert_to_numpy(edge)[:, None]
         return genotype_lib.derive_genotype(

@@ -41,6 +41,7 @@ REMEDIES = {
     "warmup": {"enabled": False, "epochs": 15},
     "partial_channels": {"enabled": False, "k": 4, "edge_normalization": True},
     "latency": {"enabled": False, "weight": 0.01, "table": "", "batch_size": 1},
+    "perturbation": {"enabled": False, "batches": 10},
     "gap_report": {"enabled": True, "recalibration_batches": 20},
 }
 # The DARTS paper's settings (REFERENCE.md), field by field.

@@ -375,9 +375,17 @@ def test_search_with_every_remedy_on_writes_the_gap_report(tmp_path, monkeypatch
     monkeypatch.setenv("KERAS_DAS_CACHE_DIR", str(tmp_path / "cache"))
     config = tiny_config(epochs=3)
     r = config.remedies
-    for name in ("skip_cap", "param_paths", "aux_skip", "warmup", "partial_channels", "latency"):
+    for name in (
+        "skip_cap",
+        "param_paths",
+        "aux_skip",
+        "warmup",
+        "partial_channels",
+        "latency",
+        "perturbation",
+    ):
         r[name].enabled = True
-    r.warmup.epochs, r.partial_channels.k = 1, 2
+    r.warmup.epochs, r.partial_channels.k, r.perturbation.batches = 1, 2, 2
     r.temperature.schedule, r.temperature.start, r.temperature.end = "exponential", 4.0, 1.0
     workdir = str(tmp_path / "search")
     summary = search_lib.run(config, workdir, verbose=0)
@@ -386,7 +394,10 @@ def test_search_with_every_remedy_on_writes_the_gap_report(tmp_path, monkeypatch
     assert report["gap"] == pytest.approx(
         report["supernet_val_accuracy"] - report["derived_val_accuracy_inherited_weights"]
     )
-    assert report["skip_connections"]["normal"] <= 2
+    assert report["skip_connections"]["normal"] <= 2  # the cap holds for DARTS-PT's choice
+    genotype = keras_das.Genotype.load(os.path.join(workdir, "genotype.json"))
+    assert summary["genotype"] == genotype.to_dict() and "argmax_genotype" in summary
+    assert summary["perturbation_selection_s"] > 0
     assert report["derived_network"]["latency_ms"] > 0 and report["expected_latency_ms"] > 0
     assert summary["final_metrics"]["temperature"] == pytest.approx(1.0)
     assert os.listdir(tmp_path / "cache" / "latency")  # the measured table is cached
