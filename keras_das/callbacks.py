@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_das import io_utils
+from keras_das import plot
+from keras_das import topology
 from keras_das import variables
 
 
@@ -198,11 +202,6 @@ class SearchArtifacts(keras.callbacks.Callback):
         self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
-        import os
-
-        from keras_das import plot
-        from keras_das.search_network import edge_names
-
         net = self.history.supernet
         genotype = net.genotype()
         genotype.save(os.path.join(self.workdir, "genotypes", f"epoch_{epoch + 1:03d}.json"))
@@ -210,7 +209,7 @@ class SearchArtifacts(keras.callbacks.Callback):
         plot.plot_genotype(
             genotype, os.path.join(self.workdir, "genotype.png"), title=f"after epoch {epoch + 1}"
         )
-        labels = edge_names(net.steps)
+        labels = topology.edge_names(net.steps)
         for cell in ("normal", "reduce"):
             weights = self.history.weights.get(f"{net.name}/{cell}")
             if weights:
@@ -225,8 +224,6 @@ class SearchArtifacts(keras.callbacks.Callback):
             self._write_summaries(epoch + 1, net, labels)
 
     def _write_summaries(self, step, net, labels):
-        import tensorflow as tf
-
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
         with self._writer.as_default():

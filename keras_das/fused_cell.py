@@ -57,7 +57,7 @@ from keras import ops
 
 from keras_das import kernels
 from keras_das import ops as ops_lib
-from keras_das import search_network
+from keras_das import topology
 
 # The ops this module knows how to fuse, with the op class (and its settings) that the
 # registry must still build for each name: a user who re-registers a name with another
@@ -729,11 +729,6 @@ def _pad(x, p):
 # -- the cell -----------------------------------------------------------------------------
 
 
-def edge_index(node: int, source: int) -> int:
-    """Row of the mixing weights for the edge from state ``source`` into ``node``."""
-    return search_network.num_edges(node) + source
-
-
 @keras.saving.register_keras_serializable(package="keras_das")
 class FusedSearchCell(layers.Layer):
     """A DARTS search cell computing the edges of each state together.
@@ -771,7 +766,7 @@ class FusedSearchCell(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.partial_channels = search_network.check_partial_channels(partial_channels, channels)
+        self.partial_channels = topology.check_partial_channels(partial_channels, channels)
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
@@ -801,7 +796,7 @@ class FusedSearchCell(layers.Layer):
         return range(max(0, source - 1), self.steps)
 
     def _rows(self, source):
-        return [edge_index(node, source) for node in self._targets(source)]
+        return [topology.edge_index(node, source) for node in self._targets(source)]
 
     def build(self, input_shape):
         s0_shape, s1_shape = (tuple(s) for s in input_shape)
@@ -874,9 +869,7 @@ class FusedSearchCell(layers.Layer):
 
     # -- weights of a per-edge cell -------------------------------------------------------
 
-    def per_edge_values(
-        self, cell: search_network.SearchCell, value_of: Callable | None = None
-    ) -> list:
+    def per_edge_values(self, cell: layers.Layer, value_of: Callable | None = None) -> list:
         """``[(variable of this cell, value)]`` that make it compute what ``cell`` computes.
 
         Args:
@@ -915,7 +908,7 @@ class FusedSearchCell(layers.Layer):
             out += source.per_edge_values([cell.edges[r] for r in self._rows(j)], value_of)
         return out
 
-    def copy_weights_from(self, cell: search_network.SearchCell) -> None:
+    def copy_weights_from(self, cell: layers.Layer) -> None:
         """Loads the weights and batch-norm statistics of the per-edge ``cell``."""
         for variable, value in self.per_edge_values(cell):
             if tuple(variable.shape) != tuple(np.shape(value)):

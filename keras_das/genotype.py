@@ -10,6 +10,7 @@ import numpy as np
 
 from keras_das import io_utils
 from keras_das import ops as ops_lib
+from keras_das import topology
 
 Gene = tuple[tuple[str, int], ...]
 
@@ -182,7 +183,7 @@ def derive_edges(
         exclude: ops never chosen.
     """
     weights = np.asarray(weights, dtype=np.float64)
-    expected = sum(2 + i for i in range(steps))
+    expected = topology.num_edges(steps)
     if weights.shape != (expected, len(op_names)):
         raise ValueError(
             f"weights have shape {weights.shape}; {steps} nodes over {len(op_names)} ops need "
@@ -203,11 +204,6 @@ def derive_edges(
             gene.append((op_names[int(np.argmax(rows[j]))], j))
         start += 2 + node
     return tuple(gene)
-
-
-def _edge_row(node: int, j: int) -> int:
-    """Row of the edge ``j -> node`` in a ``[num_edges, num_ops]`` weight matrix."""
-    return sum(2 + i for i in range(node)) + j
 
 
 def cap_skips(
@@ -233,7 +229,9 @@ def cap_skips(
     while True:
         gene = derive_edges(weights, op_names, steps, k)
         chosen = [
-            _edge_row(position // k, j) for position, (op, j) in enumerate(gene) if op == skip
+            topology.edge_index(position // k, j)
+            for position, (op, j) in enumerate(gene)
+            if op == skip
         ]
         if len(chosen) <= max_skips:
             return gene
@@ -301,12 +299,12 @@ def enforce_parameterised_paths(
             path.append(position)
             state = gene[position][1]
         options = [
-            (weights[_edge_row(p // k, gene[p][1]), param].max(), p)
+            (weights[topology.edge_index(p // k, gene[p][1]), param].max(), p)
             for p in path
             if gene[p][0] in parameter_free
         ]
         _, position = max(options)
-        row = _edge_row(position // k, gene[position][1])
+        row = topology.edge_index(position // k, gene[position][1])
         gene[position] = (op_names[param[int(np.argmax(weights[row, param]))]], gene[position][1])
     return tuple(gene)
 

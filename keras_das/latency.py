@@ -18,17 +18,18 @@ import statistics
 import time
 
 import numpy as np
+import tensorflow as tf
 
 from keras_das import io_utils
 from keras_das import ops as ops_lib
+from keras_das import topology
+from keras_das.search_network import reduction_layers
 
 CACHE_DIR_ENV = "KERAS_DAS_CACHE_DIR"
 
 
 def device_key() -> str:
     """Names this machine's compute device: CPU model (or GPU name), cores, TF version."""
-    import tensorflow as tf
-
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
@@ -60,8 +61,6 @@ def _key(op: str, input_shape, strides: int, channels: int) -> str:
 
 def measure(layer_fn, input_shape, repeats: int = 30, warmup: int = 5) -> float:
     """Median milliseconds of one inference of ``layer_fn()`` on a batch of ``input_shape``."""
-    import tensorflow as tf
-
     layer = layer_fn()
     x = tf.random.stateless_normal(input_shape, seed=(0, 0))
     layer(x, training=False)
@@ -152,12 +151,10 @@ def search_network_tables(net, table: LatencyTable, input_shape) -> dict:
     ``input_shape`` is the image shape (H, W, C). Keys match
     ``keras_das.variables.mixing_weights(net)`` (``"<net name>/normal"``, ``".../reduce"``).
     """
-    from keras_das.search_network import reduction_layers
-
     h, w = int(input_shape[0]), int(input_shape[1])
     out = {
-        f"{net.name}/normal": np.zeros((_edges(net.steps), len(net.op_names))),
-        f"{net.name}/reduce": np.zeros((_edges(net.steps), len(net.op_names))),
+        f"{net.name}/normal": np.zeros((topology.num_edges(net.steps), len(net.op_names))),
+        f"{net.name}/reduce": np.zeros((topology.num_edges(net.steps), len(net.op_names))),
     }
     channels = net.channels
     for i in range(net.num_cells):
@@ -176,10 +173,6 @@ def search_network_tables(net, table: LatencyTable, input_shape) -> dict:
         if reduction:
             h, w = (h + 1) // 2, (w + 1) // 2
     return out
-
-
-def _edges(steps: int) -> int:
-    return sum(2 + i for i in range(steps))
 
 
 def network_latency(model, input_shape, batch_size: int = 1, repeats: int = 50) -> float:

@@ -33,6 +33,7 @@ from keras_das import checkpoint as checkpoint_lib
 from keras_das import data
 from keras_das import distribution
 from keras_das import experiment
+from keras_das import gap_report
 from keras_das import io_utils
 from keras_das import latency as latency_lib
 from keras_das import ops as ops_lib
@@ -407,8 +408,6 @@ def select_by_perturbation(config, net) -> Genotype:
 
 def write_gap_report(config, search, genotype, info, workdir) -> dict:
     """Writes ``gap_report.json``: supernet vs derived network, and the derived net's cost."""
-    from keras_das import gap_report
-
     train, val, _, steps = data.search_datasets(
         config.data, config.data.batch_size, config.seed + 1
     )

@@ -8,18 +8,15 @@ import keras
 import numpy as np
 from keras import layers
 
+from keras_das import fused_cell
 from keras_das import genotype as genotype_lib
 from keras_das import ops as ops_lib
 from keras_das import relaxations
+from keras_das import topology
 from keras_das import variables
 from keras_das.mixed_op import MixedOp
 
 CELL_IMPLEMENTATIONS = ("auto", "fused", "per_edge")
-
-
-def num_edges(steps: int) -> int:
-    """Edges of a cell with ``steps`` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
-    return sum(2 + i for i in range(steps))
 
 
 def reduction_layers(num_cells: int) -> tuple[int, ...]:
@@ -132,17 +129,6 @@ class SearchCell(layers.Layer):
         }
 
 
-def check_partial_channels(partial_channels, channels: int) -> int:
-    """Returns PC-DARTS's K, or raises a ValueError unless it is a positive int dividing
-    ``channels``."""
-    if not isinstance(partial_channels, int) or partial_channels < 1 or channels % partial_channels:
-        raise ValueError(
-            f"partial_channels must be a positive int dividing channels={channels}, got "
-            f"{partial_channels!r}"
-        )
-    return partial_channels
-
-
 def edge_normalization_weights(betas, steps: int):
     """PC-DARTS's edge weights: a softmax over each node's incoming edges' betas."""
     parts = []
@@ -230,7 +216,7 @@ class SearchNetwork(keras.Model):
         self.seed = seed
         self.genotype_max_skips = genotype_max_skips
         self.genotype_min_param_ops = genotype_min_param_ops
-        self.partial_channels = check_partial_channels(partial_channels, channels)
+        self.partial_channels = topology.check_partial_channels(partial_channels, channels)
         self.edge_normalization = bool(edge_normalization)
         self.aux_skip = bool(aux_skip)
         self.seed_generator = (
@@ -239,9 +225,7 @@ class SearchNetwork(keras.Model):
         self.cell_implementation = _resolve_cell_implementation(cell_implementation, self.op_names)
         cell_class = SearchCell
         if self.cell_implementation == "fused":
-            from keras_das.fused_cell import FusedSearchCell  # imports this module
-
-            cell_class = FusedSearchCell
+            cell_class = fused_cell.FusedSearchCell
 
         self.stem = [
             layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
@@ -282,7 +266,7 @@ class SearchNetwork(keras.Model):
         self.global_pool.build(s1)
         self.classifier.build((s1[0], s1[-1]))
         size = relaxations.alpha_size(self.relaxation, len(self.op_names))
-        edges = num_edges(self.steps)
+        edges = topology.num_edges(self.steps)
         seed = self.seed
         self.alpha_normal = variables.add_arch_weight(
             self, "alpha_normal", (edges, size), seed=seed
@@ -364,10 +348,10 @@ class SearchNetwork(keras.Model):
         network with the weights it inherits."""
         out = []
         for gene in (genotype.normal, genotype.reduce):
-            w = np.zeros((num_edges(self.steps), len(self.op_names)), np.float32)
+            w = np.zeros((topology.num_edges(self.steps), len(self.op_names)), np.float32)
             for position, (op, j) in enumerate(gene):
                 node = position // genotype.inputs_per_node
-                w[num_edges(node) + j, self.op_names.index(op)] = 1.0
+                w[topology.edge_index(node, j), self.op_names.index(op)] = 1.0
             out.append(keras.ops.convert_to_tensor(w, dtype=self.compute_dtype))
         return tuple(out)
 
@@ -436,14 +420,7 @@ def _resolve_cell_implementation(name: str, op_names: Sequence[str]) -> str:
         )
     if name == "per_edge":
         return "per_edge"
-    from keras_das import fused_cell  # imports this module
-
     if name == "fused":
         fused_cell.check_fusable(op_names)
         return name
     return "per_edge" if fused_cell.unfusable_ops(op_names) else "fused"
-
-
-def edge_names(steps: int) -> Sequence[str]:
-    """``"j->i"`` labels of a cell's edges, in the order of the alpha rows."""
-    return [f"{j}->{2 + node}" for node in range(steps) for j in range(2 + node)]
