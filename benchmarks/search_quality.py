@@ -7,8 +7,8 @@ each retrained from scratch with one proxy budget on real CIFAR-10.
 What it runs, each through the project's own binaries (``python -m keras_das.search`` and
 ``python -m keras_das.train`` with config overrides, nothing special-cased):
 
-- searches: first order, DARTS second order, exact, and first order with the remedies on
-  (``configs/cifar.py``'s ``remedies`` preset), each for a few seeds;
+- searches: first order, DARTS second order, exact, first order with the collapse remedies
+  on, and first order with DARTS-PT's perturbation-based selection, each for a few seeds;
 - random genotypes drawn by the DARTS rule (``random:SEED``: two distinct inputs per node,
   ops uniform over the non-``none`` candidates) and the published DARTS_V1 / DARTS_V2;
 - every genotype retrained from scratch for the same seeds, one genotype for more seeds to
@@ -56,6 +56,11 @@ ARCHITECTS = {
         "--config.remedies.param_paths.enabled=True",
         "--config.remedies.aux_skip.enabled=True",
         "--config.remedies.warmup.enabled=True",
+    ),
+    # DARTS-PT's selection (keras_das.selection) on a first-order search.
+    "first_order+perturbation": (
+        "--config.arch.architect=first_order",
+        "--config.remedies.perturbation.enabled=True",
     ),
 }
 REFERENCES = ("DARTS_V1", "DARTS_V2")
@@ -110,6 +115,7 @@ PRESETS = {
             "second_order": (0, 1),
             "exact": (0, 1),
             "first_order+remedies": (0, 1),
+            "first_order+perturbation": (0, 1),
         },
         random=10,
         retrain=(
