@@ -57,10 +57,12 @@ ARCHITECTS = {
         "--config.remedies.aux_skip.enabled=True",
         "--config.remedies.warmup.enabled=True",
     ),
-    # DARTS-PT's selection (keras_das.selection) on a first-order search.
+    # DARTS-PT's selection (keras_das.selection) on a first-order search; 4 batches bound
+    # its ~200 supernet evaluations (2 cells x 14 edges x 7 ops).
     "first_order+perturbation": (
         "--config.arch.architect=first_order",
         "--config.remedies.perturbation.enabled=True",
+        "--config.remedies.perturbation.batches=4",
     ),
 }
 REFERENCES = ("DARTS_V1", "DARTS_V2")
