@@ -8,6 +8,7 @@ from keras import layers
 
 from keras_das import genotype as genotype_lib
 from keras_das import ops as ops_lib
+from keras_das import topology
 from keras_das import updates
 from keras_das.search_network import preprocess
 from keras_das.search_network import reduction_layers
@@ -86,10 +87,11 @@ class Cell(layers.Layer):
         node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
         for op, (_, index) in zip(self.edge_ops, self.gene):
             op.build(state if index < 2 else node_shape)
-        self._output_shape = node_shape[:-1] + (len(self.concat) * self.channels,)
 
     def compute_output_shape(self, input_shape):
-        return self._output_shape
+        return topology.cell_output_shape(
+            input_shape, self.channels, self.reduction, len(self.concat)
+        )
 
     def call(self, inputs, drop_path_rate=0.0, training=None):
         s0, s1 = inputs

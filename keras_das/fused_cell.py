@@ -807,10 +807,11 @@ class FusedSearchCell(layers.Layer):
         for j, source in enumerate(self.sources):
             shape = state if j < 2 else node_shape
             source.build(shape[:-1] + (source.channels,))
-        self._output_shape = node_shape[:-1] + (self.multiplier * self.channels,)
 
     def compute_output_shape(self, input_shape):
-        return self._output_shape
+        return topology.cell_output_shape(
+            input_shape, self.channels, self.reduction, self.multiplier
+        )
 
     def call(self, inputs, mixing_weights, edge_weights=None, aux_skip_beta=None, training=None):
         s0, s1 = inputs

@@ -157,8 +157,6 @@ class MixedOp(layers.Layer):
                 adapter.build(shapes[i])
             self.adapters.append(adapter)
         self.ops = ops
-        out_channels = full_channels if self.partial_channels > 1 else self.output_channels
-        self._output_shape = shapes[0][:-1] + (out_channels,)
         if self.owns_alpha:
             size = relaxations.alpha_size(self.relaxation, len(self.candidates))
             initializer = self.alpha_initializer
@@ -175,7 +173,24 @@ class MixedOp(layers.Layer):
             )
 
     def compute_output_shape(self, input_shape):
-        return self._output_shape
+        """The candidates' common output shape for ``input_shape`` (from the first built
+        candidate, else the stride), at the mix's width."""
+        input_shape = tuple(input_shape)
+        k = self.partial_channels
+        if k > 1:  # the candidates see and make 1/k of the channels; the rest bypass them
+            width, op_input = input_shape[-1], input_shape[:-1] + (input_shape[-1] // k,)
+        elif self.channels is not None or self.built:
+            width, op_input = self.channels or self.output_channels, input_shape
+        else:
+            raise ValueError(
+                f"MixedOp {self.name!r} with channels=None knows its width once built "
+                "(the widest candidate's)"
+            )
+        if self.built:
+            shape = tuple(self.ops[0].compute_output_shape(op_input))
+        else:
+            shape = ops_lib.strided_shape(input_shape, self.strides, width)
+        return shape[:-1] + (width,)
 
     # -- forward --------------------------------------------------------------------------
 

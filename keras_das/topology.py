@@ -9,6 +9,8 @@ latencies or scores follow this order.
 
 from __future__ import annotations
 
+from keras_das import ops as ops_lib
+
 
 def num_edges(steps: int) -> int:
     """Edges of a cell with ``steps`` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
@@ -23,6 +25,15 @@ def edge_index(node: int, source: int) -> int:
 def edge_names(steps: int) -> list[str]:
     """``"j->i"`` labels of a cell's edges (``i`` the state the edge feeds), in row order."""
     return [f"{j}->{2 + node}" for node in range(steps) for j in range(2 + node)]
+
+
+def cell_output_shape(input_shape, channels: int, reduction: bool, concatenated: int):
+    """The output shape of a cell called on ``[s0, s1]`` of shapes ``input_shape``: its
+    nodes are ``channels`` wide at s1's resolution (halved in a reduction cell), and it
+    concatenates ``concatenated`` of them."""
+    state = ops_lib.strided_shape(tuple(input_shape[1]), 1, channels)
+    node = ops_lib.strided_shape(state, 2, channels) if reduction else state
+    return node[:-1] + (concatenated * channels,)
 
 
 def check_partial_channels(partial_channels, channels: int) -> int:
