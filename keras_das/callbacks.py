@@ -38,6 +38,7 @@ class MixingWeightsHistory(keras.callbacks.Callback):
             k: [np.asarray(w) for w in v] for k, v in initial.get("weights", {}).items()
         }
         self.genotypes = list(initial.get("genotypes", []))
+        self.genotype = None  # this epoch's Genotype: the one derivation other callbacks read
 
     @property
     def supernet(self):
@@ -54,7 +55,8 @@ class MixingWeightsHistory(keras.callbacks.Callback):
             ]
         if hasattr(self.supernet, "genotype"):
             self.genotypes = [self.genotypes[i] for i in keep if i < len(self.genotypes)]
-            self.genotypes.append(self.supernet.genotype().to_dict())
+            self.genotype = self.supernet.genotype()
+            self.genotypes.append(self.genotype.to_dict())
         if self.path:
             io_utils.atomic_write_text(self.path, json.dumps(self.to_dict()) + "\n")
 
@@ -180,7 +182,7 @@ class DropPathSchedule(keras.callbacks.Callback):
 class SearchArtifacts(keras.callbacks.Callback):
     """Writes what a DARTS search produces after every epoch, each file atomically.
 
-    - ``genotype.json`` (the current derivation) and ``genotypes/epoch_NNN.json``;
+    - ``genotypes/epoch_NNN.json``, the derivation of the epoch (the history's);
     - ``genotype.png``, a picture of both cells;
     - ``alphas_normal.png`` / ``alphas_reduce.png``: each edge's mixing weights over epochs
       (from a ``MixingWeightsHistory``);
@@ -203,9 +205,8 @@ class SearchArtifacts(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         net = self.history.supernet
-        genotype = net.genotype()
+        genotype = self.history.genotype
         genotype.save(os.path.join(self.workdir, "genotypes", f"epoch_{epoch + 1:03d}.json"))
-        genotype.save(os.path.join(self.workdir, "genotype.json"))
         plot.plot_genotype(
             genotype, os.path.join(self.workdir, "genotype.png"), title=f"after epoch {epoch + 1}"
         )

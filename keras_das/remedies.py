@@ -175,12 +175,21 @@ class EarlyStopSearch(keras.callbacks.Callback):
     connections, or when the ranking of the ops on every edge has not changed for
     ``stable_epochs`` epochs (either criterion off when 0).
 
-    ``stopped_epoch`` and ``reason`` say what happened.
+    ``stopped_epoch`` and ``reason`` say what happened. With ``history`` (the run's
+    ``MixingWeightsHistory``, earlier in the callback list) it reads that epoch's genotype
+    instead of deriving it again.
     """
 
-    def __init__(self, max_skips: int = 2, stable_epochs: int = 0, skip: str = "skip_connect"):
+    def __init__(
+        self,
+        max_skips: int = 2,
+        stable_epochs: int = 0,
+        skip: str = "skip_connect",
+        history=None,
+    ):
         super().__init__()
         self.max_skips, self.stable_epochs, self.skip = max_skips, stable_epochs, skip
+        self.history = history
         self.stopped_epoch = None
         self.reason = None
         self._ranking = None
@@ -189,7 +198,8 @@ class EarlyStopSearch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         supernet = getattr(self.model, "supernet", self.model)
         if self.max_skips:
-            skips = supernet.genotype().count(self.skip, "normal")
+            genotype = self.history.genotype if self.history else supernet.genotype()
+            skips = genotype.count(self.skip, "normal")
             if skips >= self.max_skips:
                 self._stop(
                     epoch, f"the normal cell has {skips} skip connections (cap {self.max_skips})"

@@ -3,7 +3,7 @@
 Workdir outputs, each written atomically:
 
     config.json                the resolved config
-    genotype.json              the derived genotype (updated every epoch; final at the end)
+    genotype.json              the derived genotype, written when the search ends
     genotypes/epoch_NNN.json   the genotype after each epoch
     genotype.png               both cells as graphs
     alpha_history.json         every owner's mixing weights after each epoch
@@ -238,8 +238,9 @@ def latency_tables(config, net, info) -> dict:
     return tables
 
 
-def remedy_callbacks(config) -> tuple[list, remedies_lib.EarlyStopSearch | None]:
-    """The callbacks of the remedies the config switches on (and the early stopper)."""
+def remedy_callbacks(config, history=None) -> tuple[list, remedies_lib.EarlyStopSearch | None]:
+    """The callbacks of the remedies the config switches on (and the early stopper, which
+    reads each epoch's genotype from ``history``)."""
     r = config.remedies
     callbacks = []
     if r.temperature.schedule != "constant":
@@ -254,7 +255,9 @@ def remedy_callbacks(config) -> tuple[list, remedies_lib.EarlyStopSearch | None]
         callbacks.append(remedies_lib.ArchWarmup(r.warmup.epochs))
     early = None
     if r.early_stop.enabled:
-        early = remedies_lib.EarlyStopSearch(r.early_stop.max_skips, r.early_stop.stable_epochs)
+        early = remedies_lib.EarlyStopSearch(
+            r.early_stop.max_skips, r.early_stop.stable_epochs, history=history
+        )
         callbacks.append(early)
     return callbacks, early
 
@@ -316,7 +319,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             {"learning_rate": search.weight_optimizer, "arch_learning_rate": search.arch_optimizer}
         ),
     ]
-    extra, early_stop = remedy_callbacks(config)
+    extra, early_stop = remedy_callbacks(config, record)
     callbacks[2:2] = extra  # before checkpointing, so that state they set is saved
     if chief:
         tensorboard = os.path.join(workdir, "tensorboard")
@@ -354,7 +357,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         with open(early_stop_path) as f:
             summary["early_stop"] = json.load(f)
     summary["wall_time_s"] = time.time() - start
-    genotype = net.genotype()
+    genotype = record.genotype or net.genotype()  # derived after the last epoch run here
     if config.remedies.perturbation.enabled:
         summary["argmax_genotype"] = genotype.to_dict()
         selection_start = time.time()

@@ -291,7 +291,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     ):
         search_lib.run(tiny_config(epochs=3), workdir, verbose=0)
     assert json.load(open(os.path.join(workdir, "checkpoints", "latest.json")))["epoch"] == 1
-    assert keras_das.Genotype.load(os.path.join(workdir, "genotype.json"))
+    # The good epoch's genotype is kept; genotype.json is written when a search ends.
+    assert keras_das.Genotype.load(os.path.join(workdir, "genotypes", "epoch_001.json"))
+    assert not os.path.exists(os.path.join(workdir, "genotype.json"))
 
 
 @pytest.mark.parametrize(
