@@ -81,7 +81,8 @@ def _pool_ops(cell):
 
 def _forward_and_grads(cell, s0, s1, w, training=True):
     probe = tf.constant(
-        np.random.default_rng(7).normal(size=cell.compute_output_shape(None)[1:]), "float32"
+        np.random.default_rng(7).normal(size=cell.compute_output_shape([s0.shape, s1.shape])[1:]),
+        "float32",
     )
     with tf.GradientTape() as tape:
         tape.watch([s0, s1, w])
