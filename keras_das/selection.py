@@ -12,6 +12,11 @@ comparison is paired, in one pass without DARTS-PT's fine-tuning between edge de
 The DARTS rule then reads the scores in place of the mixing weights: per edge the op with
 the largest score, per node the ``k`` edges whose best op scores highest (with the same
 skip cap and parameterised-path constraints as the alphas would get).
+
+Cost: one supernet forward pass per batch for each of 1 + 2 x edges x (ops - 1) mixtures
+(197 in the DARTS space). With given mixing weights the supernet runs without PC-DARTS's
+edge weights and DARTS-'s auxiliary skip (see ``SearchNetwork.call``), so with those
+remedies the scores measure the plain mixture.
 """
 
 from __future__ import annotations
