@@ -59,9 +59,9 @@ def perturbation_scores(net, batches, loss_fn) -> dict[str, np.ndarray]:
             for op, name in enumerate(net.op_names):
                 if name == "none":
                     continue
-                perturbed = [w.copy() for w in base]
-                perturbed[index][edge, op] = 0.0
-                score[edge, op] = mean_loss(perturbed) - reference
+                kept, base[index][edge, op] = base[index][edge, op], 0.0
+                score[edge, op] = mean_loss(base) - reference
+                base[index][edge, op] = kept
         scores[cell] = score
     return scores
 
