@@ -28,7 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import cifar  # noqa: E402
-from keras_das.ops import DARTS_OPS  # noqa: E402
+from keras_das.space.primitives import DARTS_OPS  # noqa: E402
 
 SPACES = {
     "darts": tuple(DARTS_OPS),

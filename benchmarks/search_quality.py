@@ -41,8 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from keras_das import io_utils  # noqa: E402
-from keras_das.genotype import Genotype  # noqa: E402
-from keras_das.genotype import get_genotype  # noqa: E402
+from keras_das.space.genotype import Genotype  # noqa: E402
+from keras_das.space.genotype import get_genotype  # noqa: E402
 
 ARCHITECTS = {
     "first_order": ("--config.arch.architect=first_order",),
@@ -57,7 +57,7 @@ ARCHITECTS = {
         "--config.remedies.aux_skip.enabled=True",
         "--config.remedies.warmup.enabled=True",
     ),
-    # DARTS-PT's selection (keras_das.selection) on a first-order search; 4 batches bound
+    # DARTS-PT's selection (keras_das.engine.selection) on a first-order search; 4 batches bound
     # its ~200 supernet evaluations (2 cells x 14 edges x 7 ops).
     "first_order+perturbation": (
         "--config.arch.architect=first_order",

@@ -13,7 +13,7 @@ and resume.
 Kernel paths (``--onednn``): ``0`` runs with ``TF_ENABLE_ONEDNN_OPTS=0`` (TensorFlow's
 portable CPU kernels: what AVX2 laptops, Apple Silicon and ARM servers get), ``1`` with
 oneDNN forced on (the default on CPUs with AVX-512 VNNI/BF16 or AMX). The "kernels" column
-says which grouped 1x1 formulation the fused cell picked (``keras_das.kernels``).
+says which grouped 1x1 formulation the fused cell picked (``keras_das.space.kernels``).
 
 With ``--peer_python`` (a Python with PyTorch) and ``--peer_dir`` (the official DARTS
 ``cnn/`` code), each row's peer step (same size and mode; exact has none) runs alternately

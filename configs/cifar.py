@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from keras_das import data
-from keras_das.ops import DARTS_OPS
+from keras_das.runs import data
+from keras_das.space.primitives import DARTS_OPS
 
 PRESETS = ("default", "smoke", "cifar_smoke")
 
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
         }
     )
-    # Remedies for collapse and the discretisation gap (keras_das.remedies); each off by
+    # Remedies for collapse and the discretisation gap (keras_das.engine.remedies); each off by
     # default, with its published setting once switched on.
     config.remedies = ml_collections.ConfigDict(
         {

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from keras_das import data
+from keras_das.runs import data
 
 PRESETS = ("default", "smoke", "cifar_smoke")
 

@@ -1,13 +1,13 @@
 """Architecture search: ``python -m keras_das.search --config=configs/cifar.py --workdir=DIR``.
 
-The logic lives in ``keras_das.search_lib``; this file only reads flags.
+The logic lives in ``keras_das.runs.search_lib``; this file only reads flags.
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from keras_das import search_lib
+from keras_das.runs import search_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Search configuration.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")

@@ -1,14 +1,14 @@
 """Retrain a genotype: ``python -m keras_das.train --config=configs/cifar_train.py --workdir=DIR``.
 
 ``--config.genotype`` takes a named genotype (DARTS_V2) or a genotype.json from a search.
-The logic lives in ``keras_das.train_lib``; this file only reads flags.
+The logic lives in ``keras_das.runs.train_lib``; this file only reads flags.
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from keras_das import train_lib
+from keras_das.runs import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Retraining configuration.", lock_config=True

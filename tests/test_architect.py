@@ -13,7 +13,7 @@ from keras import layers
 
 import keras_das
 from keras_das import MixedOp
-from keras_das.architect import _replace
+from keras_das.engine.architect import _replace
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_arch_step_leaves_weights_bit_identical(architect, float64):
     alphas = [a.numpy().copy() for a in sm.arch_vars]
     sm.arch_step(train, val)
     for before, v in zip(snapshot, sm.supernet.weights):
-        if keras_das.variables.is_arch_variable(v):
+        if keras_das.space.variables.is_arch_variable(v):
             continue
         assert np.array_equal(before, v.numpy()), v.path
     for before, m in zip(momentum, sm.weight_optimizer.momentums):

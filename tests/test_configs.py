@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from keras_das import data
-from keras_das.ops import DARTS_OPS
+from keras_das.runs import data
+from keras_das.space.primitives import DARTS_OPS
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 SEARCH = os.path.join(CONFIGS, "cifar.py")

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from keras import layers
 
-from keras_das import data
+from keras_das.runs import data
 from tests.testing import CIFAR10_DATA_DIR
 from tests.testing import needs_cifar10
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import keras_das
-from keras_das import variables
-from keras_das.discrete_network import Cell
-from keras_das.discrete_network import DiscreteNetwork
+from keras_das.discrete.discrete_network import Cell
+from keras_das.discrete.discrete_network import DiscreteNetwork
+from keras_das.space import variables
 from tests import testing
 
 
@@ -75,7 +75,7 @@ def test_auxiliary_loss_is_added_with_its_weight():
 
 
 def test_drop_path_drops_whole_examples_and_rescales():
-    drop = keras_das.discrete_network.DropPath(seed=0)
+    drop = keras_das.discrete.discrete_network.DropPath(seed=0)
     x = np.ones((200, 2, 2, 1), "float32")
     y = np.asarray(drop(x, rate=0.25, training=True))
     per_example = y.reshape(200, -1)

@@ -101,7 +101,7 @@ class _SharedAlphaSupernet(keras.Model):
         self.head = layers.Dense(3)
 
     def build(self, input_shape):
-        self.alpha = keras_das.variables.add_arch_weight(self, "alpha", (3,))
+        self.alpha = keras_das.space.variables.add_arch_weight(self, "alpha", (3,))
 
     def call(self, inputs, training=None):
         weights = keras.ops.softmax(self.alpha)
@@ -201,7 +201,7 @@ def test_subclassed_model_is_traced_into_a_functional_model():
     discrete = keras_das.discretize(supernet)
     _assert_discrete(discrete)
     _check_against_one_hot(supernet, discrete)
-    assert discrete.get_layer("mix_b").__class__ is keras_das.ops.SepConv
+    assert discrete.get_layer("mix_b").__class__ is keras_das.space.primitives.SepConv
     # Any batch size, not just the one the supernet was built with.
     assert discrete(np.concatenate([X, X, X])).shape == (6, 3)
 
@@ -294,7 +294,7 @@ class _ArchScale(layers.Layer):
     """Not a MixedOp, yet it holds an architecture parameter."""
 
     def build(self, input_shape):
-        self.alpha = keras_das.variables.add_arch_weight(self, "alpha", ())
+        self.alpha = keras_das.space.variables.add_arch_weight(self, "alpha", ())
 
     def call(self, inputs):
         return inputs * self.alpha
@@ -353,7 +353,7 @@ def test_keras_das_op_choice_saves_and_reloads_with_keras_das(tmp_path):
     discrete = keras_das.discretize(supernet)
     path = os.path.join(tmp_path, "discrete.keras")
     discrete.save(path)
-    assert '"module": "keras_das.ops"' in json.dumps(_keras_config(path))
+    assert '"module": "keras_das.space.primitives"' in json.dumps(_keras_config(path))
     reloaded = keras.models.load_model(path)
     _assert_discrete(reloaded)
     np.testing.assert_allclose(

@@ -1,4 +1,3 @@
-import importlib
 import os
 import re
 import subprocess
@@ -11,8 +10,7 @@ import tensorflow as tf
 from keras import layers
 
 import keras_das
-
-export_lib = importlib.import_module("keras_das.export")  # keras_das.export is the function
+from keras_das.discrete import serving as export_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_DIR = os.path.join(REPO, "..", "shared", "tfds")

@@ -9,11 +9,11 @@ import keras_das
 from keras_das import FusedSearchCell
 from keras_das import SearchCell
 from keras_das import SearchNetwork
-from keras_das import fused_cell
-from keras_das import ops as ops_lib
-from keras_das import variables
-from keras_das.fused_cell import FusedBatchNorm
-from keras_das.topology import num_edges
+from keras_das.space import fused_cell
+from keras_das.space import primitives
+from keras_das.space import variables
+from keras_das.space.fused_cell import FusedBatchNorm
+from keras_das.space.topology import num_edges
 from tests import testing
 
 pytestmark = pytest.mark.kernel_path
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.kernel_path
 LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 OP_SUBSETS = {
-    "darts": ops_lib.DARTS_OPS,
+    "darts": primitives.DARTS_OPS,
     "convs": ("none", "conv_3x3", "skip_connect", "conv_5x5", "sep_conv_3x3"),
     "parameter_free": ("max_pool_3x3", "none", "skip_connect", "avg_pool_3x3"),
     "dil_only": ("dil_conv_5x5", "dil_conv_3x3"),
@@ -76,7 +76,7 @@ def _cell_pair(
 
 
 def _pool_ops(cell):
-    return [op for mix in cell.edges for op in mix.ops if isinstance(op, ops_lib.PoolBN)]
+    return [op for mix in cell.edges for op in mix.ops if isinstance(op, primitives.PoolBN)]
 
 
 def _forward_and_grads(cell, s0, s1, w, training=True):
@@ -139,7 +139,11 @@ def test_partial_channels_match_the_per_edge_cell(
     if layout == "tiled":
         monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
     per_edge, fused, inputs = _cell_pair(
-        reduction, reduction_prev, ops_lib.DARTS_OPS, channels=8, partial_channels=partial_channels
+        reduction,
+        reduction_prev,
+        primitives.DARTS_OPS,
+        channels=8,
+        partial_channels=partial_channels,
     )
     assert all(source.channels == 8 // partial_channels for source in fused.sources)
     _assert_cells_agree(per_edge, fused, *inputs)
@@ -258,7 +262,7 @@ def test_odd_sizes_and_few_steps(partial_channels):
     per_edge, fused, (s0, s1, w) = _cell_pair(
         True,
         False,
-        ops_lib.DARTS_OPS,
+        primitives.DARTS_OPS,
         steps=2,
         multiplier=1,
         size=7,
@@ -274,8 +278,8 @@ def test_odd_sizes_and_few_steps(partial_channels):
 
 def test_synchronized_batch_norm_falls_back_to_keras():
     """Under a strategy every batch norm must sync: FusedBatchNorm then runs Keras's path."""
-    per_edge, fused, (s0, s1, w) = _cell_pair(False, False, ops_lib.DARTS_OPS, steps=2)
-    count = ops_lib.synchronize_batch_norm(fused)
+    per_edge, fused, (s0, s1, w) = _cell_pair(False, False, primitives.DARTS_OPS, steps=2)
+    count = primitives.synchronize_batch_norm(fused)
     assert count == sum(isinstance(x, FusedBatchNorm) for x in fused._flatten_layers())
     assert count > 0
     y_ref = per_edge([s0, s1], w, training=True)
@@ -324,16 +328,16 @@ def test_config_round_trip_and_construction_errors(partial_channels):
 @pytest.fixture
 def custom_ops():
     """Registers 'my_conv' and re-registers 'sep_conv_3x3'; restores the registry after."""
-    saved = dict(ops_lib.OPS)
-    keras_das.register_op("my_conv", lambda c, s, affine: ops_lib.ReLUConvBN(c, 3, s, affine))
+    saved = dict(primitives.OPS)
+    keras_das.register_op("my_conv", lambda c, s, affine: primitives.ReLUConvBN(c, 3, s, affine))
     keras_das.register_op(
         "sep_conv_3x3",
-        lambda c, s, affine: ops_lib.SepConv(c, 5, strides=s, affine=affine),
+        lambda c, s, affine: primitives.SepConv(c, 5, strides=s, affine=affine),
         overwrite=True,
     )
     yield
-    ops_lib.OPS.clear()
-    ops_lib.OPS.update(saved)
+    primitives.OPS.clear()
+    primitives.OPS.update(saved)
 
 
 def test_unfusable_ops_fall_back_to_the_per_edge_cell(custom_ops):
@@ -374,7 +378,7 @@ def test_weight_count_is_the_reference_for_both_implementations():
 # -- whole networks ---------------------------------------------------------------------
 
 
-def _network_pair(op_names=ops_lib.DARTS_OPS, **kwargs):
+def _network_pair(op_names=primitives.DARTS_OPS, **kwargs):
     per_edge, fused = (
         testing.tiny_search_network(op_names=op_names, cell_implementation=c, **kwargs)
         for c in ("per_edge", "fused")
@@ -501,7 +505,7 @@ def test_exact_architect_agrees_across_implementations():
         _assert_close(g, g_ref, 1e-4, f"exact hypergradient of {name}")
 
 
-def _batch_norm_reference(x, scale, epsilon=ops_lib.BN_EPSILON):
+def _batch_norm_reference(x, scale, epsilon=primitives.BN_EPSILON):
     """Batch norm in plain float64 ops, whose derivatives of any order are exact."""
     mean = tf.reduce_mean(x, [0, 1, 2])
     variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
@@ -523,7 +527,7 @@ def test_fused_batch_norm_second_derivatives():
     rng = np.random.default_rng(3)
     x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
     scale = rng.normal(size=(6,))
-    bn = fused_cell.FusedBatchNorm(center=False, scale=False, epsilon=ops_lib.BN_EPSILON)
+    bn = fused_cell.FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
     bn.build(x.shape)
 
     def fused(x, scale):

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import keras_das
-from keras_das import gap_report
+from keras_das.runs import gap_report
 from tests import testing
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")

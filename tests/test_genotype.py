@@ -8,7 +8,7 @@ from keras_das import DARTS_V1
 from keras_das import DARTS_V2
 from keras_das import Genotype
 from keras_das import derive_genotype
-from keras_das import genotype as genotype_lib
+from keras_das.space import genotype as genotype_lib
 
 
 def _weights_for(gene, strength=0.9, steps=4):

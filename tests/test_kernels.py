@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_das import kernels
+from keras_das.space import kernels
 
 pytestmark = pytest.mark.kernel_path
 

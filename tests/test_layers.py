@@ -14,12 +14,12 @@ import pytest
 from keras.src.saving import saving_lib
 
 import keras_das
-from keras_das import discrete_network
-from keras_das import fused_cell
-from keras_das import mixed_op
-from keras_das import ops as ops_lib
-from keras_das import search_model
-from keras_das import search_network
+from keras_das.discrete import discrete_network
+from keras_das.engine import search_model
+from keras_das.space import fused_cell
+from keras_das.space import mixed_op
+from keras_das.space import primitives
+from keras_das.space import search_network
 from tests.testing import random_inputs
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -41,15 +41,15 @@ def _cell(cls):
 
 LAYERS = {
     # Ops of the search space.
-    "Zero": _single(lambda: ops_lib.Zero(4)),
-    "Identity": _single(ops_lib.Identity),
-    "EvenPixels": _single(ops_lib.EvenPixels),
-    "Pool": _single(lambda: ops_lib.Pool("max", 3, 1)),
-    "PoolBN": _single(lambda: ops_lib.PoolBN("avg", 2)),
-    "ReLUConvBN": _single(lambda: ops_lib.ReLUConvBN(6, 3, 1)),
-    "SepConv": _single(lambda: ops_lib.SepConv(4, 3, 2)),
-    "DilConv": _single(lambda: ops_lib.DilConv(4, 3, 1)),
-    "FactorizedReduce": _single(lambda: ops_lib.FactorizedReduce(6)),
+    "Zero": _single(lambda: primitives.Zero(4)),
+    "Identity": _single(primitives.Identity),
+    "EvenPixels": _single(primitives.EvenPixels),
+    "Pool": _single(lambda: primitives.Pool("max", 3, 1)),
+    "PoolBN": _single(lambda: primitives.PoolBN("avg", 2)),
+    "ReLUConvBN": _single(lambda: primitives.ReLUConvBN(6, 3, 1)),
+    "SepConv": _single(lambda: primitives.SepConv(4, 3, 2)),
+    "DilConv": _single(lambda: primitives.DilConv(4, 3, 1)),
+    "FactorizedReduce": _single(lambda: primitives.FactorizedReduce(6)),
     "MixedOp": _single(lambda: mixed_op.MixedOp(list(OPS), channels=4, seed=0)),
     # The fused cell's parts.
     "FusedBatchNorm": _single(fused_cell.FusedBatchNorm),

@@ -5,7 +5,7 @@ from keras import layers
 
 import keras_das
 from keras_das import MixedOp
-from keras_das import relaxations
+from keras_das.space import relaxations
 from tests import testing
 
 X = testing.random_inputs((2, 8, 8, 4))
@@ -261,7 +261,7 @@ def test_arch_and_weight_variables_split_at_any_depth():
 
 
 def test_channel_shuffle_interleaves_groups_as_pytorch():
-    from keras_das.mixed_op import channel_shuffle
+    from keras_das.space.mixed_op import channel_shuffle
 
     x = np.arange(6, dtype="float32").reshape(1, 1, 1, 6)  # groups of 3: [0 1 2 | 3 4 5]
     np.testing.assert_array_equal(np.asarray(channel_shuffle(x, 2)).ravel(), [0, 3, 1, 4, 2, 5])
@@ -269,7 +269,7 @@ def test_channel_shuffle_interleaves_groups_as_pytorch():
 
 @pytest.mark.parametrize("strides", [1, 2])
 def test_partial_channels_mix_a_quarter_and_bypass_the_rest(strides):
-    from keras_das.mixed_op import channel_shuffle
+    from keras_das.space.mixed_op import channel_shuffle
 
     x = testing.random_inputs((2, 8, 8, 8))
     mix = MixedOp(

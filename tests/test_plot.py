@@ -4,7 +4,7 @@ import numpy as np
 
 from keras_das import DARTS_OPS
 from keras_das import DARTS_V2
-from keras_das import plot
+from keras_das.runs import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,9 +5,9 @@ import tensorflow as tf
 
 import keras_das
 from keras_das import MixedOp
-from keras_das import latency
-from keras_das import remedies
-from keras_das import variables
+from keras_das.engine import remedies
+from keras_das.space import latency
+from keras_das.space import variables
 
 
 def _sigmoid_model():

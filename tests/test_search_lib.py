@@ -14,8 +14,8 @@ import tensorflow as tf
 
 import keras_das
 from configs import cifar
-from keras_das import data
-from keras_das import search_lib
+from keras_das.runs import data
+from keras_das.runs import search_lib
 from tests.binaries import ROOT
 from tests.binaries import run_binary
 from tests.binaries import start_binary
@@ -34,7 +34,7 @@ TINY = (
 )
 
 
-# Big enough that, without keras_das.experiment.enable_determinism, TensorFlow's AddN
+# Big enough that, without keras_das.runs.experiment.enable_determinism, TensorFlow's AddN
 # sums (the gradients of tensors that several ops read) round differently from run to
 # run: the smoke preset's 5 cells (the last normal cell after both reductions is where
 # it showed first), 8 channels, nodes with several outgoing edges, batch 32. Before the

@@ -12,8 +12,8 @@ from keras import layers
 
 import keras_das
 from keras_das import MixedOp
-from keras_das import remedies
-from keras_das.callbacks import MixingWeightsHistory
+from keras_das.engine import remedies
+from keras_das.runs.callbacks import MixingWeightsHistory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

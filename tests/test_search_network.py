@@ -5,7 +5,7 @@ import pytest
 import keras_das
 from keras_das import SearchCell
 from keras_das import SearchNetwork
-from keras_das import variables
+from keras_das.space import variables
 from tests import testing
 
 # A small space keeps compiled training steps quick to trace.
@@ -115,7 +115,7 @@ def test_bad_sizes_fail_at_construction():
 
 
 def test_edge_normalization_weights_are_a_softmax_per_node():
-    from keras_das.search_network import edge_normalization_weights
+    from keras_das.space.search_network import edge_normalization_weights
 
     betas = np.arange(5, dtype="float32")
     w = np.asarray(edge_normalization_weights(betas, steps=2))

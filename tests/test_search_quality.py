@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 import search_quality as sq  # noqa: E402
 
 from keras_das import DARTS_V2  # noqa: E402
-from keras_das.genotype import random_genotype  # noqa: E402
+from keras_das.space.genotype import random_genotype  # noqa: E402
 
 PRESET = sq.PRESETS["full"]
 

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from keras_das import DARTS_OPS
-from keras_das import genotype as genotype_lib
-from keras_das import selection
+from keras_das.engine import selection
+from keras_das.space import genotype as genotype_lib
 from tests.testing import random_inputs
 from tests.testing import tiny_search_network
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_das
 from configs import cifar_train
-from keras_das import train_lib
+from keras_das.runs import train_lib
 from tests.binaries import run_binary
 from tests.testing import needs_cifar10
 

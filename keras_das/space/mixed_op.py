@@ -6,9 +6,9 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_das import ops as ops_lib
-from keras_das import relaxations
-from keras_das import variables
+from keras_das.space import primitives
+from keras_das.space import relaxations
+from keras_das.space import variables
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -16,7 +16,7 @@ class MixedOp(layers.Layer):
     """Continuous relaxation over candidate operations.
 
     Computes ``sum_i w_i * adapter_i(op_i(x))`` where ``w = relax(alpha / T)``. Candidates
-    are registered op names (see ``keras_das.ops.OPS``), Keras layers, or both. When the
+    are registered op names (see ``keras_das.space.primitives.OPS``), Keras layers, or both. When the
     candidates' outputs differ in width, each narrower output goes through a learnable
     1x1 projection (a channel adapter) to a common width, so every mix is defined.
 
@@ -27,7 +27,7 @@ class MixedOp(layers.Layer):
     Args:
         candidates: op names and/or Keras layers, at least two.
         relaxation: ``softmax``, ``sigmoid``, ``gumbel``, ``gumbel_hard`` or ``gate`` (two
-            candidates, one parameter); see ``keras_das.relaxations``.
+            candidates, one parameter); see ``keras_das.space.relaxations``.
         temperature: divides alpha before the relaxation. Held in a non-trainable variable
             that schedules may assign without retracing.
         channels: the width the named ops produce and the adapters project to. Default:
@@ -70,7 +70,7 @@ class MixedOp(layers.Layer):
             raise ValueError(f"MixedOp needs at least 2 candidates, got {len(candidates)}")
         for candidate in candidates:
             if isinstance(candidate, str):
-                ops_lib.check_op_names([candidate])
+                primitives.check_op_names([candidate])
             elif not isinstance(candidate, layers.Layer):
                 raise TypeError(
                     f"A candidate must be an op name or a keras Layer, got {candidate!r}"
@@ -105,9 +105,9 @@ class MixedOp(layers.Layer):
     # -- construction -------------------------------------------------------------------
 
     def _named_op(self, name, width):
-        op = ops_lib.make_op(name, width, self.strides, self.affine)
-        if self.pool_batch_norm and isinstance(op, ops_lib.Pool):
-            op = ops_lib.PoolBN(op.pool_type, strides=self.strides)
+        op = primitives.make_op(name, width, self.strides, self.affine)
+        if self.pool_batch_norm and isinstance(op, primitives.Pool):
+            op = primitives.PoolBN(op.pool_type, strides=self.strides)
         return op
 
     def build(self, input_shape):
@@ -148,7 +148,7 @@ class MixedOp(layers.Layer):
         self.adapters = []
         for i in range(len(self.candidates)):
             if ops[i] is None:
-                ops[i] = ops_lib.Zero(self.output_channels, strides=self.strides)
+                ops[i] = primitives.Zero(self.output_channels, strides=self.strides)
                 shapes[i] = tuple(ops[i].compute_output_shape(input_shape))
                 ops[i].build(input_shape)
             adapter = None
@@ -189,7 +189,7 @@ class MixedOp(layers.Layer):
         if self.built:
             shape = tuple(self.ops[0].compute_output_shape(op_input))
         else:
-            shape = ops_lib.strided_shape(input_shape, self.strides, width)
+            shape = primitives.strided_shape(input_shape, self.strides, width)
         return shape[:-1] + (width,)
 
     # -- forward --------------------------------------------------------------------------

@@ -22,20 +22,21 @@ import time
 
 import keras
 
-from keras_das import callbacks as callbacks_lib
-from keras_das import checkpoint as checkpoint_lib
-from keras_das import data
-from keras_das import distribution
-from keras_das import experiment
-from keras_das import gap_report
 from keras_das import io_utils
-from keras_das import latency as latency_lib
-from keras_das import plot
-from keras_das import variables
-from keras_das.discrete_network import DiscreteNetwork
-from keras_das.genotype import Genotype
-from keras_das.genotype import get_genotype
-from keras_das.schedules import EpochCosineDecay
+from keras_das.discrete import serving
+from keras_das.discrete.discrete_network import DiscreteNetwork
+from keras_das.engine.schedules import EpochCosineDecay
+from keras_das.runs import callbacks as callbacks_lib
+from keras_das.runs import checkpoint as checkpoint_lib
+from keras_das.runs import data
+from keras_das.runs import distribution
+from keras_das.runs import experiment
+from keras_das.runs import gap_report
+from keras_das.runs import plot
+from keras_das.space import latency as latency_lib
+from keras_das.space import variables
+from keras_das.space.genotype import Genotype
+from keras_das.space.genotype import get_genotype
 
 
 def load_genotype(config) -> Genotype:
@@ -177,9 +178,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
             net.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
         if config.export.enabled:
-            from keras_das.export import export
-
-            summary["export"] = export(
+            summary["export"] = serving.export(
                 net,
                 os.path.join(workdir, "export"),
                 mean=info.mean,

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_das import io_utils
-from keras_das import ops as ops_lib
-from keras_das import topology
+from keras_das.space import primitives
+from keras_das.space import topology
 
 Gene = tuple[tuple[str, int], ...]
 
@@ -74,7 +74,7 @@ class Genotype:
 
     def validate_ops(self, valid: Sequence[str] | None = None) -> Genotype:
         """Raises if the genotype names an op outside ``valid`` (default: the registry)."""
-        valid = tuple(ops_lib.OPS if valid is None else valid)
+        valid = tuple(primitives.OPS if valid is None else valid)
         for cell in ("normal", "reduce"):
             for position, (op, _) in enumerate(getattr(self, cell)):
                 if op not in valid:
@@ -241,7 +241,7 @@ def cap_skips(
 
 def parameterised_depth(gene: Gene, concat, k: int = 2, parameter_free=None) -> int:
     """The fewest parameterised ops on any path from the cell's inputs to its output."""
-    parameter_free = ops_lib.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
+    parameter_free = primitives.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
     steps = len(gene) // k
     depth = [0, 0] + [0] * steps
     for node in range(steps):
@@ -270,7 +270,7 @@ def enforce_parameterised_paths(
         ValueError: when ``min_ops`` exceeds the number of edges on the cell's shortest path
             (no choice of ops could satisfy it).
     """
-    parameter_free = ops_lib.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
+    parameter_free = primitives.PARAMETER_FREE_OPS if parameter_free is None else parameter_free
     weights = np.asarray(weights, dtype=np.float64)
     gene = list(gene)
     steps = len(gene) // k
@@ -404,7 +404,7 @@ RANDOM_PREFIX = "random:"
 
 
 def random_genotype(
-    seed: int, op_names: Sequence[str] = ops_lib.DARTS_OPS, steps: int = 4
+    seed: int, op_names: Sequence[str] = primitives.DARTS_OPS, steps: int = 4
 ) -> Genotype:
     """A genotype drawn by the DARTS random-search rule (the baseline a search must beat).
 

@@ -10,8 +10,8 @@ including its padding: at stride 2 the reference pads symmetrically, which Tenso
 for pixel with the reference.
 
 Example:
-    >>> op = keras_das.ops.make_op("sep_conv_3x3", channels=16, strides=2, affine=False)
-    >>> keras_das.ops.register_op("conv_7x1_1x7", my_factory)
+    >>> op = keras_das.space.primitives.make_op("sep_conv_3x3", channels=16, strides=2, affine=False)
+    >>> keras_das.space.primitives.register_op("conv_7x1_1x7", my_factory)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _statistics = threading.local()
 
 @contextlib.contextmanager
 def discarding_batch_norm_statistics():
-    """Within this context, batch norms that can (``keras_das.fused_cell``'s) build no
+    """Within this context, batch norms that can (``keras_das.space.fused_cell``'s) build no
     moving-statistic updates.
 
     For model calls in a ``keras.StatelessScope`` whose updates are thrown away (the

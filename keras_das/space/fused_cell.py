@@ -55,14 +55,14 @@ import tensorflow as tf  # kernels that keras.ops lacks (fused batch norm)
 from keras import layers
 from keras import ops
 
-from keras_das import kernels
-from keras_das import ops as ops_lib
-from keras_das import topology
+from keras_das.space import kernels
+from keras_das.space import primitives
+from keras_das.space import topology
 
 # The ops this module knows how to fuse, with the op class (and its settings) that the
 # registry must still build for each name: a user who re-registers a name with another
 # factory gets the per-edge cell, never a fused cell computing something else.
-FUSABLE_OPS = (*ops_lib.DARTS_OPS, "conv_3x3", "conv_5x5")
+FUSABLE_OPS = (*primitives.DARTS_OPS, "conv_3x3", "conv_5x5")
 
 
 def _expected_op(name: str, strides: int) -> tuple[type, dict]:
@@ -70,16 +70,16 @@ def _expected_op(name: str, strides: int) -> tuple[type, dict]:
     kind, _, size = name.rpartition("_")
     kernel = int(size[0]) if size[:1].isdigit() else None
     if name == "none":
-        return ops_lib.Zero, {"strides": strides}
+        return primitives.Zero, {"strides": strides}
     if name in ("max_pool_3x3", "avg_pool_3x3"):
-        return ops_lib.Pool, {"pool_type": name[:3], "pool_size": 3, "strides": strides}
+        return primitives.Pool, {"pool_type": name[:3], "pool_size": 3, "strides": strides}
     if name == "skip_connect":
-        return (ops_lib.Identity, {}) if strides == 1 else (ops_lib.FactorizedReduce, {})
+        return (primitives.Identity, {}) if strides == 1 else (primitives.FactorizedReduce, {})
     if kind == "sep_conv":
-        return ops_lib.SepConv, {"kernel_size": kernel, "strides": strides}
+        return primitives.SepConv, {"kernel_size": kernel, "strides": strides}
     if kind == "dil_conv":
-        return ops_lib.DilConv, {"kernel_size": kernel, "strides": strides, "dilation_rate": 2}
-    return ops_lib.ReLUConvBN, {"kernel_size": kernel, "strides": strides}
+        return primitives.DilConv, {"kernel_size": kernel, "strides": strides, "dilation_rate": 2}
+    return primitives.ReLUConvBN, {"kernel_size": kernel, "strides": strides}
 
 
 def unfusable_ops(op_names: Sequence[str]) -> list[str]:
@@ -90,11 +90,11 @@ def unfusable_ops(op_names: Sequence[str]) -> list[str]:
     """
     bad = []
     for name in op_names:
-        ok = name in FUSABLE_OPS and name in ops_lib.OPS
+        ok = name in FUSABLE_OPS and name in primitives.OPS
         for strides in (1, 2):
             if not ok:
                 break
-            op = ops_lib.OPS[name](8, strides, False)
+            op = primitives.OPS[name](8, strides, False)
             cls, settings = _expected_op(name, strides)
             ok = type(op) is cls and all(getattr(op, k) == v for k, v in settings.items())
         if not ok:
@@ -104,7 +104,7 @@ def unfusable_ops(op_names: Sequence[str]) -> list[str]:
 
 def check_fusable(op_names: Sequence[str]) -> tuple[str, ...]:
     """Returns ``op_names`` as a tuple, or raises a ValueError naming the unfusable ones."""
-    op_names = ops_lib.check_op_names(op_names)
+    op_names = primitives.check_op_names(op_names)
     bad = unfusable_ops(op_names)
     if bad:
         raise ValueError(
@@ -128,7 +128,7 @@ class FusedBatchNorm(layers.BatchNormalization):
     several replicas, it runs TensorFlow's fused batch-norm kernel (one op forward and one backward instead of
     some ten element-wise ones each; exact second derivatives) and updates the moving
     statistics as ``BatchNormalization`` does, with the biased batch variance (not at all
-    inside ``keras_das.ops.discarding_batch_norm_statistics()``, where the caller throws
+    inside ``keras_das.space.primitives.discarding_batch_norm_statistics()``, where the caller throws
     the updates away). Otherwise (inference, synchronised statistics under a strategy,
     other dtypes) it is
     ``BatchNormalization``. Forward + backward of a normal cell at size S: 278 ms with
@@ -173,7 +173,7 @@ class FusedBatchNorm(layers.BatchNormalization):
             data_format="NHWC",
             is_training=True,
         )
-        if ops_lib.batch_norm_statistics_discarded():
+        if primitives.batch_norm_statistics_discarded():
             return outputs
         # The kernel returns the unbiased variance (for PyTorch-style running statistics);
         # BatchNormalization averages the biased one.
@@ -190,8 +190,8 @@ class FusedBatchNorm(layers.BatchNormalization):
 
 def _batch_norm(name=None):
     return FusedBatchNorm(
-        momentum=ops_lib.BN_MOMENTUM,
-        epsilon=ops_lib.BN_EPSILON,
+        momentum=primitives.BN_MOMENTUM,
+        epsilon=primitives.BN_EPSILON,
         center=False,
         scale=False,
         name=name,
@@ -322,7 +322,7 @@ class _StackedSeparable(_StackedOp):
             self.pointwise.append(
                 self._kernel(f"pointwise_{i + 1}", (1, 1, c, e * c), (1, 1, c, c))
             )
-        shape = ops_lib.strided_shape(input_shape, self.strides, e * c)
+        shape = primitives.strided_shape(input_shape, self.strides, e * c)
         for bn in self.bns:
             bn.build(shape)
 
@@ -399,7 +399,7 @@ class StackedConv(_StackedOp):
         k, c, e = self.kernel_size, self.channels, self.edges
         c_in = input_shape[-1]
         self.kernel = self._kernel("kernel", (k, k, c_in, e * c), (k, k, c_in, c))
-        self.bn.build(ops_lib.strided_shape(input_shape, self.strides, e * c))
+        self.bn.build(primitives.strided_shape(input_shape, self.strides, e * c))
 
     def call(self, inputs, training=None, scale=None):
         padding = "same" if self.strides == 1 else "valid"
@@ -443,7 +443,7 @@ class StackedFactorizedReduce(_StackedOp):
         half, e, c_in = self.channels // 2, self.edges, input_shape[-1]
         self.kernel_1 = self._kernel("kernel_1", (1, 1, c_in, e * half), (1, 1, c_in, half))
         self.kernel_2 = self._kernel("kernel_2", (1, 1, c_in, e * half), (1, 1, c_in, half))
-        self.bn.build(ops_lib.strided_shape(input_shape, 2, e * self.channels))
+        self.bn.build(primitives.strided_shape(input_shape, 2, e * self.channels))
 
     def _taps(self):
         c_in, e, half = self.kernel_1.shape[-2], self.edges, self.channels // 2
@@ -507,7 +507,7 @@ class PoolBatchNorm(layers.Layer):
         super().__init__(**kwargs)
         self.pool_type = pool_type
         self.strides = strides
-        self.pool = ops_lib.Pool(pool_type, 3, strides)
+        self.pool = primitives.Pool(pool_type, 3, strides)
         self.bn = _batch_norm("bn")
 
     def build(self, input_shape):
@@ -589,7 +589,7 @@ class FusedMixedOps(layers.Layer):
         if getattr(op, "input_kind", None) == "tiled":
             shape = shape[:-1] + (self.edges * shape[-1],)
         if isinstance(op, StackedDilConv) and self.strides == 2:
-            return ops_lib.strided_shape(shape, 2, shape[-1])
+            return primitives.strided_shape(shape, 2, shape[-1])
         return shape
 
     def build(self, input_shape):
@@ -603,7 +603,7 @@ class FusedMixedOps(layers.Layer):
             op.build(self._input_shape(op, input_shape))
 
     def compute_output_shape(self, input_shape):
-        shape = ops_lib.strided_shape(tuple(input_shape), self.strides, self.channels)
+        shape = primitives.strided_shape(tuple(input_shape), self.strides, self.channels)
         return shape[:-1] + (self.edges, self.channels)
 
     def _prepared(self, x):
@@ -759,7 +759,7 @@ class FusedSearchCell(layers.Layer):
         channels,
         reduction=False,
         reduction_prev=False,
-        op_names=ops_lib.DARTS_OPS,
+        op_names=primitives.DARTS_OPS,
         steps=4,
         multiplier=4,
         partial_channels=1,
@@ -802,8 +802,8 @@ class FusedSearchCell(layers.Layer):
         s0_shape, s1_shape = (tuple(s) for s in input_shape)
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
-        state = ops_lib.strided_shape(s1_shape, 1, self.channels)
-        node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
+        state = primitives.strided_shape(s1_shape, 1, self.channels)
+        node_shape = primitives.strided_shape(state, 2, self.channels) if self.reduction else state
         for j, source in enumerate(self.sources):
             shape = state if j < 2 else node_shape
             source.build(shape[:-1] + (source.channels,))

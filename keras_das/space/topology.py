@@ -9,7 +9,7 @@ latencies or scores follow this order.
 
 from __future__ import annotations
 
-from keras_das import ops as ops_lib
+from keras_das.space import primitives
 
 
 def num_edges(steps: int) -> int:
@@ -31,8 +31,8 @@ def cell_output_shape(input_shape, channels: int, reduction: bool, concatenated:
     """The output shape of a cell called on ``[s0, s1]`` of shapes ``input_shape``: its
     nodes are ``channels`` wide at s1's resolution (halved in a reduction cell), and it
     concatenates ``concatenated`` of them."""
-    state = ops_lib.strided_shape(tuple(input_shape[1]), 1, channels)
-    node = ops_lib.strided_shape(state, 2, channels) if reduction else state
+    state = primitives.strided_shape(tuple(input_shape[1]), 1, channels)
+    node = primitives.strided_shape(state, 2, channels) if reduction else state
     return node[:-1] + (concatenated * channels,)
 
 

@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_das import latency as latency_lib
-from keras_das import ops as ops_lib
-from keras_das import variables
-from keras_das.discrete_network import DiscreteNetwork
+from keras_das.discrete.discrete_network import DiscreteNetwork
+from keras_das.space import latency as latency_lib
+from keras_das.space import primitives
+from keras_das.space import variables
 
 
 def _batch_norms(model):
@@ -137,7 +137,7 @@ def report(
         "bn_recalibration_batches": recalibration_steps,
         "skip_connections": {c: genotype.count("skip_connect", c) for c in ("normal", "reduce")},
         "parameter_free_ops": {
-            c: sum(op in ops_lib.PARAMETER_FREE_OPS for op, _ in getattr(genotype, c))
+            c: sum(op in primitives.PARAMETER_FREE_OPS for op, _ in getattr(genotype, c))
             for c in ("normal", "reduce")
         },
         "derived_network": {

@@ -25,8 +25,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_das import ops as ops_lib
-from keras_das.updates import all_reduce_sum
+from keras_das.engine.updates import all_reduce_sum
+from keras_das.space import primitives
 
 ARCHITECTS = ("first_order", "second_order", "exact")
 
@@ -67,7 +67,7 @@ class Architect:
         mapping = list(zip(sm.supernet.trainable_variables, values))
         with (
             keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
-            ops_lib.discarding_batch_norm_statistics(),  # updates in the scope: discarded
+            primitives.discarding_batch_norm_statistics(),  # updates in the scope: discarded
         ):
             y_pred = sm.supernet(x, training=True)
             loss = sm.total_loss(y, y_pred, scope.losses, with_penalty)

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_das import ops as ops_lib
-from keras_das import relaxations
-from keras_das import updates
-from keras_das import variables
-from keras_das.architect import Architect
+from keras_das.engine import updates
+from keras_das.engine.architect import Architect
+from keras_das.space import primitives
+from keras_das.space import relaxations
+from keras_das.space import variables
 
 _ACCURACY_NAMES = ("accuracy", "acc")
 
@@ -106,7 +106,7 @@ class SearchModel(keras.Model):
 
         Args:
             weight_optimizer: for the network weights; default SGD(0.025, momentum 0.9).
-                Give it a learning-rate schedule (``keras_das.schedules.EpochCosineDecay``)
+                Give it a learning-rate schedule (``keras_das.engine.schedules.EpochCosineDecay``)
                 for DARTS's cosine annealing.
             arch_optimizer: for the alphas; default Adam(3e-4, beta_1=0.5, beta_2=0.999,
                 epsilon=1e-8), PyTorch's Adam settings in DARTS.
@@ -130,7 +130,7 @@ class SearchModel(keras.Model):
                 the number of replicas). With ``exact`` on one replica they are always
                 synchronised: only that form has exact second derivatives.
             freezable_arch: compile the step so that ``arch_enabled`` (a variable) can freeze
-                the alphas, as warm-up epochs do (``keras_das.remedies.ArchWarmup``).
+                the alphas, as warm-up epochs do (``keras_das.engine.remedies.ArchWarmup``).
             jit_compile: compile steps with XLA (off by default: on CPU it made the DARTS
                 weight step 6.4x slower).
             steps_per_execution: steps per compiled call.
@@ -170,7 +170,7 @@ class SearchModel(keras.Model):
         # synchronised statistics (E[x^2] - E[x]^2) are exact and, on one replica, the same.
         replicas = updates.num_replicas()
         if (sync_batch_norm and replicas > 1) or (architect == "exact" and replicas == 1):
-            ops_lib.synchronize_batch_norm(self.supernet)
+            primitives.synchronize_batch_norm(self.supernet)
         self.loss_fn = keras.losses.get(loss)
         self.weight_decay = float(weight_decay)
         self.arch_weight_decay = float(arch_weight_decay)
@@ -179,7 +179,7 @@ class SearchModel(keras.Model):
         self.architect = Architect(self, architect, fd_epsilon)
 
         # Held outside Keras's attribute tracking (compile may follow build); resumed runs
-        # set it again (keras_das.remedies.ArchWarmup at each epoch's start).
+        # set it again (keras_das.engine.remedies.ArchWarmup at each epoch's start).
         self.freezable_arch = freezable_arch
         self._arch_enabled = types.SimpleNamespace(variable=tf.Variable(True, trainable=False))
         self._search_metrics = types.SimpleNamespace(

@@ -6,12 +6,12 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from keras_das import genotype as genotype_lib
-from keras_das import ops as ops_lib
-from keras_das import topology
-from keras_das import updates
-from keras_das.search_network import preprocess
-from keras_das.search_network import reduction_layers
+from keras_das.engine import updates
+from keras_das.space import genotype as genotype_lib
+from keras_das.space import primitives
+from keras_das.space import topology
+from keras_das.space.search_network import preprocess
+from keras_das.space.search_network import reduction_layers
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -70,7 +70,7 @@ class Cell(layers.Layer):
         self.preprocess0 = preprocess(channels, reduction_prev, affine=True)
         self.preprocess1 = preprocess(channels, False, affine=True)
         self.edge_ops = [
-            ops_lib.make_op(op, channels, 2 if reduction and index < 2 else 1, affine=True)
+            primitives.make_op(op, channels, 2 if reduction and index < 2 else 1, affine=True)
             for op, index in self.gene
         ]
         self.drop_path = DropPath(seed=seed)
@@ -84,7 +84,7 @@ class Cell(layers.Layer):
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
         state = tuple(self.preprocess1.compute_output_shape(s1_shape))
-        node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
+        node_shape = primitives.strided_shape(state, 2, self.channels) if self.reduction else state
         for op, (_, index) in zip(self.edge_ops, self.gene):
             op.build(state if index < 2 else node_shape)
 
@@ -133,8 +133,8 @@ class AuxiliaryHead(layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.conv1 = layers.Conv2D(128, 1, use_bias=False)
-        self.bn1 = ops_lib.batch_norm(affine=True)
-        self.bn2 = ops_lib.batch_norm(affine=True)
+        self.bn1 = primitives.batch_norm(affine=True)
+        self.bn2 = primitives.batch_norm(affine=True)
         self.classifier = layers.Dense(num_classes)
 
     def build(self, input_shape):
@@ -218,7 +218,7 @@ class DiscreteNetwork(keras.Model):
         self.seed = seed
         self.stem = [
             layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
-            ops_lib.batch_norm(affine=True),
+            primitives.batch_norm(affine=True),
         ]
         reductions = reduction_layers(num_cells)
         self.auxiliary_after = reductions[-1]

@@ -10,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_das import io_utils
-from keras_das import plot
-from keras_das import topology
-from keras_das import variables
+from keras_das.runs import plot
+from keras_das.space import topology
+from keras_das.space import variables
 
 
 class MixingWeightsHistory(keras.callbacks.Callback):
@@ -118,7 +118,7 @@ class NaNGuard(keras.callbacks.Callback):
 
 
 class CheckpointEveryEpoch(keras.callbacks.Callback):
-    """Saves a ``keras_das.checkpoint.Checkpoint`` after every ``every`` epochs (and the last).
+    """Saves a ``keras_das.runs.checkpoint.Checkpoint`` after every ``every`` epochs (and the last).
 
     Skips an epoch that a ``NaNGuard`` stopped, keeping the last good checkpoint.
     """

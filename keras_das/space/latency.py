@@ -6,7 +6,7 @@ name, input shape, stride and output channels, so a search pays for each measure
 per machine. A table measured elsewhere (on a phone, say) can be supplied as a JSON file
 of the same form instead.
 
-The expected-latency penalty that uses these tables is ``keras_das.remedies.latency_penalty``.
+The expected-latency penalty that uses these tables is ``keras_das.engine.remedies.latency_penalty``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_das import io_utils
-from keras_das import ops as ops_lib
-from keras_das import topology
-from keras_das.search_network import reduction_layers
+from keras_das.space import primitives
+from keras_das.space import topology
+from keras_das.space.search_network import reduction_layers
 
 CACHE_DIR_ENV = "KERAS_DAS_CACHE_DIR"
 
@@ -124,9 +124,9 @@ class LatencyTable:
             else:
 
                 def build():
-                    layer = ops_lib.make_op(op, channels, strides, affine=False)
-                    if pool_batch_norm and isinstance(layer, ops_lib.Pool):
-                        layer = ops_lib.PoolBN(layer.pool_type, strides=strides)
+                    layer = primitives.make_op(op, channels, strides, affine=False)
+                    if pool_batch_norm and isinstance(layer, primitives.Pool):
+                        layer = primitives.PoolBN(layer.pool_type, strides=strides)
                     return layer
 
                 self.entries[key] = measure(build, shape, self.repeats)
@@ -149,7 +149,7 @@ def search_network_tables(net, table: LatencyTable, input_shape) -> dict:
     """Per cell type, ``[num_edges, num_ops]`` milliseconds summed over the cells of that type.
 
     ``input_shape`` is the image shape (H, W, C). Keys match
-    ``keras_das.variables.mixing_weights(net)`` (``"<net name>/normal"``, ``".../reduce"``).
+    ``keras_das.space.variables.mixing_weights(net)`` (``"<net name>/normal"``, ``".../reduce"``).
     """
     h, w = int(input_shape[0]), int(input_shape[1])
     out = {

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_das import io_utils
-from keras_das.genotype import Genotype
+from keras_das.space.genotype import Genotype
 
 
 def _pyplot():

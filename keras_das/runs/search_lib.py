@@ -9,7 +9,7 @@ Workdir outputs, each written atomically:
     alpha_history.json         every owner's mixing weights after each epoch
     alphas_normal.png, alphas_reduce.png   how each edge's mixing weights moved
     tensorboard/               losses, accuracies, learning rates, per-edge mixing weights
-    checkpoints/               everything needed to resume (see keras_das.checkpoint)
+    checkpoints/               everything needed to resume (see keras_das.runs.checkpoint)
     search_summary.json        final metrics, wall time, the genotype
 
 Running the same command again on the same workdir resumes from the last checkpoint.
@@ -27,30 +27,30 @@ import time
 
 import keras
 
-from keras_das import architect as architect_lib
-from keras_das import callbacks as callbacks_lib
-from keras_das import checkpoint as checkpoint_lib
-from keras_das import data
-from keras_das import distribution
-from keras_das import experiment
-from keras_das import gap_report
 from keras_das import io_utils
-from keras_das import latency as latency_lib
-from keras_das import ops as ops_lib
-from keras_das import relaxations
-from keras_das import remedies as remedies_lib
-from keras_das import selection
-from keras_das import variables
-from keras_das.genotype import Genotype
-from keras_das.schedules import EpochCosineDecay
-from keras_das.search_model import SearchModel
-from keras_das.search_model import pair_datasets
-from keras_das.search_network import SearchNetwork
+from keras_das.engine import architect as architect_lib
+from keras_das.engine import remedies as remedies_lib
+from keras_das.engine import selection
+from keras_das.engine.schedules import EpochCosineDecay
+from keras_das.engine.search_model import SearchModel
+from keras_das.engine.search_model import pair_datasets
+from keras_das.runs import callbacks as callbacks_lib
+from keras_das.runs import checkpoint as checkpoint_lib
+from keras_das.runs import data
+from keras_das.runs import distribution
+from keras_das.runs import experiment
+from keras_das.runs import gap_report
+from keras_das.space import latency as latency_lib
+from keras_das.space import primitives
+from keras_das.space import relaxations
+from keras_das.space import variables
+from keras_das.space.genotype import Genotype
+from keras_das.space.search_network import SearchNetwork
 
 
 def validate_config(config) -> None:
     """Raises a ValueError naming the field, the bad value and the valid choices."""
-    experiment.check_field("model.op_names", ops_lib.check_op_names, config.model.op_names)
+    experiment.check_field("model.op_names", primitives.check_op_names, config.model.op_names)
     if len(config.model.op_names) < 2:
         raise ValueError(
             f"config.model.op_names needs at least 2 ops, got {config.model.op_names!r}"
@@ -402,7 +402,7 @@ def describe(summary: dict) -> str:
 
 
 def select_by_perturbation(config, net) -> Genotype:
-    """DARTS-PT's selection (``keras_das.selection``) on search-val batches."""
+    """DARTS-PT's selection (``keras_das.engine.selection``) on search-val batches."""
     _, val, _, _ = data.search_datasets(config.data, config.data.batch_size, config.seed + 1)
     batches = list(val.take(config.remedies.perturbation.batches))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

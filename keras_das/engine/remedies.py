@@ -12,10 +12,10 @@ search config (see ``configs/cifar.py``), with the published defaults:
 - an auxiliary skip connection scaled by a factor that decays to zero (DARTS-);
 - warm-up epochs with the alphas frozen (PC-DARTS);
 - an expected-latency penalty ``lambda * sum_edges sum_ops p_op * latency_op``
-  (FBNet / ProxylessNAS), with tables from ``keras_das.latency``.
+  (FBNet / ProxylessNAS), with tables from ``keras_das.space.latency``.
 
 The derivation constraints (P-DARTS's skip cap, parameterised paths) live with the
-derivation rule in ``keras_das.genotype``; partial channels in the search cells.
+derivation rule in ``keras_das.space.genotype``; partial channels in the search cells.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_das import variables
+from keras_das.space import variables
 
 SCHEDULES = ("constant", "linear", "exponential")
 
@@ -72,9 +72,9 @@ def latency_penalty(weight: float, tables: dict):
     Args:
         weight: lambda, per millisecond.
         tables: ``{owner_key: [num_edges, num_ops] milliseconds}`` with keys as
-            ``keras_das.variables.mixing_weights`` names them (``"search_network/normal"``);
+            ``keras_das.space.variables.mixing_weights`` names them (``"search_network/normal"``);
             for a DARTS network, each cell type's table sums its cells' edges
-            (``keras_das.latency.search_network_tables``).
+            (``keras_das.space.latency.search_network_tables``).
     """
     constants = {k: np.asarray(v, dtype=np.float32) for k, v in tables.items()}
 

@@ -24,8 +24,8 @@ from keras import layers
 # Keras exports no name for the class of keras.Model(inputs, outputs); clone_model tests it.
 from keras.src.models.functional import Functional
 
-from keras_das import variables
-from keras_das.mixed_op import MixedOp
+from keras_das.space import variables
+from keras_das.space.mixed_op import MixedOp
 
 _DARTS_HINT = (
     "(to discretize the DARTS SearchNetwork, derive its genotype with net.genotype() and "

@@ -8,13 +8,13 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_das import fused_cell
-from keras_das import genotype as genotype_lib
-from keras_das import ops as ops_lib
-from keras_das import relaxations
-from keras_das import topology
-from keras_das import variables
-from keras_das.mixed_op import MixedOp
+from keras_das.space import fused_cell
+from keras_das.space import genotype as genotype_lib
+from keras_das.space import primitives
+from keras_das.space import relaxations
+from keras_das.space import topology
+from keras_das.space import variables
+from keras_das.space.mixed_op import MixedOp
 
 CELL_IMPLEMENTATIONS = ("auto", "fused", "per_edge")
 
@@ -27,8 +27,8 @@ def reduction_layers(num_cells: int) -> tuple[int, ...]:
 def preprocess(channels: int, reduction_prev: bool, affine: bool) -> layers.Layer:
     """How a cell reads the output of the cell two back and of the cell before."""
     if reduction_prev:
-        return ops_lib.FactorizedReduce(channels, affine=affine)
-    return ops_lib.ReLUConvBN(channels, 1, affine=affine)
+        return primitives.FactorizedReduce(channels, affine=affine)
+    return primitives.ReLUConvBN(channels, 1, affine=affine)
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -51,7 +51,7 @@ class SearchCell(layers.Layer):
         channels,
         reduction=False,
         reduction_prev=False,
-        op_names=ops_lib.DARTS_OPS,
+        op_names=primitives.DARTS_OPS,
         steps=4,
         multiplier=4,
         partial_channels=1,
@@ -62,7 +62,7 @@ class SearchCell(layers.Layer):
         self.channels = channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
-        self.op_names = ops_lib.check_op_names(op_names)
+        self.op_names = primitives.check_op_names(op_names)
         self.steps = steps
         self.multiplier = multiplier
         self.preprocess0 = preprocess(channels, reduction_prev, affine=False)
@@ -88,7 +88,7 @@ class SearchCell(layers.Layer):
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
         state = tuple(self.preprocess1.compute_output_shape(s1_shape))
-        node_shape = ops_lib.strided_shape(state, 2, self.channels) if self.reduction else state
+        node_shape = primitives.strided_shape(state, 2, self.channels) if self.reduction else state
         edge = 0
         for node in range(self.steps):
             for j in range(2 + node):
@@ -155,14 +155,14 @@ class SearchNetwork(keras.Model):
         multiplier: nodes concatenated into a cell's output.
         stem_multiplier: the stem outputs ``stem_multiplier * channels``.
         op_names: the candidate ops on every edge.
-        relaxation: see ``keras_das.relaxations``.
+        relaxation: see ``keras_das.space.relaxations``.
         temperature: initial temperature of the relaxation.
         seed: seeds the alphas and the Gumbel noise.
         genotype_max_skips: P-DARTS's cap on skip connections in the derived normal cell
             (None: none), used by ``genotype()``.
         genotype_min_param_ops: every input-to-output path of the derived normal cell
             passes this many parameterised ops (0: no constraint), used by ``genotype()``.
-        cell_implementation: ``fused`` (``keras_das.fused_cell.FusedSearchCell``: the ops
+        cell_implementation: ``fused`` (``keras_das.space.fused_cell.FusedSearchCell``: the ops
             of all edges leaving a node computed together, several times fewer graph ops
             and the same numbers), ``per_edge`` (``SearchCell``: a MixedOp per edge, the
             reference) or ``auto`` (fused when every op in ``op_names`` can be fused,
@@ -180,7 +180,7 @@ class SearchNetwork(keras.Model):
         steps=4,
         multiplier=4,
         stem_multiplier=3,
-        op_names=ops_lib.DARTS_OPS,
+        op_names=primitives.DARTS_OPS,
         relaxation="softmax",
         temperature=1.0,
         seed=None,
@@ -211,7 +211,7 @@ class SearchNetwork(keras.Model):
         self.steps = steps
         self.multiplier = multiplier
         self.stem_multiplier = stem_multiplier
-        self.op_names = ops_lib.check_op_names(op_names)
+        self.op_names = primitives.check_op_names(op_names)
         self.relaxation = relaxations.check_relaxation(relaxation, len(self.op_names))
         self.initial_temperature = relaxations.check_temperature(temperature)
         self.seed = seed
@@ -230,7 +230,7 @@ class SearchNetwork(keras.Model):
 
         self.stem = [
             layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
-            ops_lib.batch_norm(affine=True),
+            primitives.batch_norm(affine=True),
         ]
         self.cells = []
         c_curr = channels
@@ -284,7 +284,7 @@ class SearchNetwork(keras.Model):
         if self.edge_normalization:  # PC-DARTS: one beta per edge, softmax per node
             self.beta_normal = variables.add_arch_weight(self, "beta_normal", (edges,), seed=seed)
             self.beta_reduce = variables.add_arch_weight(self, "beta_reduce", (edges,), seed=seed)
-        if self.aux_skip:  # DARTS-: set by keras_das.remedies.AuxiliarySkipSchedule
+        if self.aux_skip:  # DARTS-: set by keras_das.engine.remedies.AuxiliarySkipSchedule
             self.aux_skip_beta = self.add_weight(
                 name="aux_skip_beta", shape=(), initializer="ones", trainable=False
             )
@@ -299,7 +299,7 @@ class SearchNetwork(keras.Model):
         )
 
     def named_mixing_weights(self, training=False):
-        """``{"normal": ..., "reduce": ...}`` (see ``keras_das.variables.arch_owners``)."""
+        """``{"normal": ..., "reduce": ...}`` (see ``keras_das.space.variables.arch_owners``)."""
         return dict(zip(("normal", "reduce"), self.compute_mixing_weights(training)))
 
     def call(self, inputs, training=None, mixing_weights=None):
@@ -362,10 +362,10 @@ class SearchNetwork(keras.Model):
         """The architecture the current alphas choose, by the DARTS rule.
 
         ``max_skips`` and ``min_param_ops`` constrain the normal cell (see
-        ``keras_das.genotype.derive_genotype``); they default to the network's
+        ``keras_das.space.genotype.derive_genotype``); they default to the network's
         ``genotype_max_skips`` / ``genotype_min_param_ops``. ``weights``
         (``{"normal": [edges, ops], "reduce": ...}``) ranks the (edge, op) pairs instead of
-        the mixing weights, e.g. ``keras_das.selection``'s perturbation scores.
+        the mixing weights, e.g. ``keras_das.engine.selection``'s perturbation scores.
         """
         if max_skips is None:
             max_skips = self.genotype_max_skips
