@@ -34,7 +34,7 @@ TINY = (
 )
 
 
-# Big enough that, without keras_das.runs.experiment.enable_determinism, TensorFlow's AddN
+# Big enough that, without keras_das.runs.determinism.enable_determinism, TensorFlow's AddN
 # sums (the gradients of tensors that several ops read) round differently from run to
 # run: the smoke preset's 5 cells (the last normal cell after both reductions is where
 # it showed first), 8 channels, nodes with several outgoing edges, batch 32. Before the
@@ -213,15 +213,15 @@ import hashlib, sys
 import tensorflow as tf
 from absl import flags
 from ml_collections import config_flags
-from keras_das import data, experiment, search_lib
+from keras_das.runs import data, determinism, search_lib
 
 config_flag = config_flags.DEFINE_config_file("config", lock_config=True)
 flags.FLAGS(sys.argv[:1] + sys.argv[2:])
 config = config_flag.value
-experiment.set_seeds(config.seed, config.deterministic)
+determinism.set_seeds(config.seed, config.deterministic)
 info = data.get_info(config.data)
 train, val, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
-search = search_lib.build_search_model(config, info, steps)
+search = search_lib.build_search_model(config, info, steps, search_lib.validate_config(config))
 batches = next(iter(train)), next(iter(val))
 arch_gradients = tf.function(lambda: search.architect(*batches)[0])
 digests = set()
@@ -341,14 +341,19 @@ def test_bad_configs_fail_before_training(field, value, message, tmp_path):
 
 def test_arch_learning_rate_scales_up_short_searches():
     config = cifar.get_config()  # the paper: 50 epochs of 391 steps at 3e-4
-    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(3e-4)
-    assert search_lib.arch_learning_rate(config, 2 * 391) == 3e-4  # longer: unchanged
+
+    def lr(steps):
+        frozen = search_lib.validate_config(config).frozen_epochs
+        return search_lib.arch_learning_rate(config, steps, frozen)
+
+    assert lr(391) == pytest.approx(3e-4)
+    assert lr(2 * 391) == 3e-4  # longer: unchanged
     config.epochs = 5
-    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(3e-3)
+    assert lr(391) == pytest.approx(3e-3)
     config.remedies.warmup.enabled, config.remedies.warmup.epochs = True, 4  # alphas frozen
-    assert search_lib.arch_learning_rate(config, 391) == pytest.approx(1.5e-2)
+    assert lr(391) == pytest.approx(1.5e-2)
     config.arch.lr_reference_steps = 0
-    assert search_lib.arch_learning_rate(config, 391) == 3e-4
+    assert lr(391) == 3e-4
 
 
 def test_bad_config_from_the_command_line_names_the_field(tmp_path):

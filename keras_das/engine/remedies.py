@@ -14,18 +14,27 @@ search config (see ``configs/cifar.py``), with the published defaults:
 - an expected-latency penalty ``lambda * sum_edges sum_ops p_op * latency_op``
   (FBNet / ProxylessNAS), with tables from ``keras_das.space.latency``.
 
-The derivation constraints (P-DARTS's skip cap, parameterised paths) live with the
-derivation rule in ``keras_das.space.genotype``; partial channels in the search cells.
+``plan(config.remedies, epochs)`` is the one place that reads a config's ``remedies``
+section: it checks it and returns a ``RemedyPlan`` with everything a search run needs from
+it (the search network's arguments, the penalties, the callbacks, what happens after the
+search). What the remedies act on lives where it acts: the derivation constraints (P-DARTS's
+skip cap, parameterised paths) with the derivation rule in ``keras_das.space.genotype``,
+partial channels and the auxiliary skip in the search cells, DARTS-PT's selection in
+``keras_das.engine.selection``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import os
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_das.space import latency as latency_lib
 from keras_das.space import variables
 
 SCHEDULES = ("constant", "linear", "exponential")
@@ -219,3 +228,138 @@ class EarlyStopSearch(keras.callbacks.Callback):
     def _stop(self, epoch, reason):
         self.stopped_epoch, self.reason = epoch, reason
         self.model.stop_training = True
+
+
+# -- the plan: a config's remedies section, read once ------------------------------------
+
+
+@dataclasses.dataclass
+class RemedyPlan:
+    """What the remedies a config switches on ask of a search run (``plan`` makes it)."""
+
+    section: object  # the config's ``remedies`` section (read-only here)
+    epochs: int
+    _latency_tables: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def network_options(self) -> dict:
+        """``SearchNetwork`` arguments: the cells' partial channels (PC-DARTS) and auxiliary
+        skip (DARTS-), and the derivation's skip cap (P-DARTS) and parameterised paths."""
+        r = self.section
+        return {
+            "partial_channels": r.partial_channels.k if r.partial_channels.enabled else 1,
+            "edge_normalization": bool(
+                r.partial_channels.enabled and r.partial_channels.edge_normalization
+            ),
+            "aux_skip": bool(r.aux_skip.enabled),
+            "genotype_max_skips": r.skip_cap.max_skips if r.skip_cap.enabled else None,
+            "genotype_min_param_ops": r.param_paths.min_param_ops if r.param_paths.enabled else 0,
+        }
+
+    @property
+    def frozen_epochs(self) -> int:
+        """Epochs with the alphas frozen (PC-DARTS's warm-up), 0 without it."""
+        return self.section.warmup.epochs if self.section.warmup.enabled else 0
+
+    @property
+    def freezable_arch(self) -> bool:
+        return bool(self.section.warmup.enabled)
+
+    @property
+    def perturbation_batches(self) -> int:
+        """Batches DARTS-PT's selection scores on; 0 when the argmax decides."""
+        r = self.section.perturbation
+        return r.batches if r.enabled else 0
+
+    @property
+    def gap_report_batches(self) -> int | None:
+        """Batch-norm recalibration batches of the gap report; None: no report."""
+        r = self.section.gap_report
+        return r.recalibration_batches if r.enabled else None
+
+    def latency_tables(self, supernet, image_shape) -> dict | None:
+        """Per-cell-type latency tables (measured and cached, or read from
+        ``latency.table``), made once per supernet; None when the latency remedy is off."""
+        r = self.section.latency
+        if not r.enabled:
+            return None
+        if id(supernet) in self._latency_tables:
+            return self._latency_tables[id(supernet)]
+        table = latency_lib.LatencyTable(
+            r.table or None, batch_size=r.batch_size, measure_missing=not r.table
+        )
+        tables = latency_lib.search_network_tables(supernet, table, image_shape)
+        if table.measured:
+            logging.info("Measured %d op latencies; cached in %s", table.measured, table.path)
+            table.save()
+        self._latency_tables[id(supernet)] = tables
+        return tables
+
+    def penalties(self, latency_tables: dict | None = None) -> list:
+        """The architecture step's penalties (L1, zero-one, expected latency)."""
+        r = self.section
+        penalties = []
+        if r.l1.enabled:
+            penalties.append(l1_penalty(r.l1.weight))
+        if r.zero_one.enabled:
+            penalties.append(zero_one_penalty(r.zero_one.weight))
+        if latency_tables is not None:
+            penalties.append(latency_penalty(r.latency.weight, latency_tables))
+        return penalties
+
+    def callbacks(self, history=None) -> list:
+        """The remedies' callbacks, to run before the epoch's checkpoint (so that the state
+        they set is saved). The early stopper reads each epoch's genotype from
+        ``history`` (the run's ``MixingWeightsHistory``)."""
+        r, epochs = self.section, self.epochs
+        callbacks = []
+        if r.temperature.schedule != "constant":
+            t = r.temperature
+            callbacks.append(TemperatureSchedule(t.schedule, t.start, t.end, epochs))
+        if r.aux_skip.enabled:
+            callbacks.append(AuxiliarySkipSchedule(r.aux_skip.beta, epochs))
+        if r.warmup.enabled:
+            callbacks.append(ArchWarmup(r.warmup.epochs))
+        if r.early_stop.enabled:
+            e = r.early_stop
+            callbacks.append(EarlyStopSearch(e.max_skips, e.stable_epochs, history=history))
+        return callbacks
+
+
+def plan(section, epochs: int, relaxation: str = "softmax") -> RemedyPlan:
+    """Checks a config's ``remedies`` section and returns its ``RemedyPlan``.
+
+    Args:
+        section: the ``remedies`` section (``configs/cifar.py`` documents each field).
+        epochs: the search's epochs (schedules run over them).
+        relaxation: the search's relaxation (the zero-one loss needs sigmoid weights).
+
+    Raises:
+        ValueError: naming the field (``config.remedies....``), the value and what is valid.
+    """
+    r = section
+    t = r.temperature
+    _check_field("temperature.schedule", schedule_value, t.schedule, t.start, t.end, 0.0)
+    if r.zero_one.enabled and relaxation not in ("sigmoid", "gate"):
+        raise ValueError(
+            "config.remedies.zero_one acts on sigmoid weights; set config.model.relaxation="
+            f"'sigmoid' (got {relaxation!r})"
+        )
+    for field, value in (
+        ("partial_channels.k", r.partial_channels.k if r.partial_channels.enabled else 1),
+        ("perturbation.batches", r.perturbation.batches if r.perturbation.enabled else 1),
+    ):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"config.remedies.{field} must be a positive int, got {value!r}")
+    if r.warmup.enabled and not 0 <= r.warmup.epochs:
+        raise ValueError(f"config.remedies.warmup.epochs must be >= 0, got {r.warmup.epochs!r}")
+    if r.latency.table and not os.path.exists(r.latency.table):
+        raise ValueError(f"config.remedies.latency.table={r.latency.table!r} does not exist")
+    return RemedyPlan(section, epochs)
+
+
+def _check_field(field: str, check, *args) -> None:
+    try:
+        check(*args)
+    except ValueError as e:
+        raise ValueError(f"config.remedies.{field}: {e}") from e

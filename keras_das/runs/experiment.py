@@ -1,16 +1,24 @@
-"""What every binary run shares: config checks, seeds, the workdir and its resolved config."""
+"""What every binary run shares: config checks, and an ``Experiment``: the strategy and
+seeds, the workdir with its resolved config, checkpoints to resume from, ``fit`` with a NaN
+stop and per-epoch checkpoints, and the summary file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
 from keras_das import io_utils
+from keras_das.runs import callbacks as callbacks_lib
+from keras_das.runs import checkpoint as checkpoint_lib
+from keras_das.runs import determinism
+from keras_das.runs import distribution
 
 
 def check_field(field: str, check: Callable, *args):
@@ -36,71 +44,97 @@ def check_positive(config, *fields: str, integer: bool = True) -> None:
             raise ValueError(f"config.{field} must be {kind}, got {value!r}")
 
 
-def set_seeds(seed: int, deterministic: bool) -> None:
-    """Seeds Python, NumPy and TensorFlow; with ``deterministic``, also makes the run
-    bit-for-bit repeatable (``enable_determinism``)."""
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        enable_determinism()
+@dataclasses.dataclass
+class Experiment:
+    """One run of a binary on a workdir (``start`` makes it).
 
-
-def enable_determinism() -> None:
-    """Deterministic ops and deterministic sums of gradients, for the rest of the process.
-
-    ``tf.config.experimental.enable_op_determinism`` alone does not make training
-    repeatable on a CPU. TensorFlow's ``AddN`` kernel (a sum of several tensors) adds
-    into the first input whose buffer no other op still holds, and moves that input to
-    the front of the sum. Which input that is depends on which concurrent ops have
-    finished (inter-op threads), so a sum of three or more tensors is rounded differently
-    from call to call. ``GradientTape`` sums the gradients of every tensor that several
-    ops read (each state of a cell, each batch norm's input) with one ``AddN``, and
-    Grappler's arithmetic optimizer merges chains of additions into ``AddN`` ops. On the
-    smoke preset the architecture gradient of one fixed batch came out with up to 12
-    different roundings in 30 calls (with oneDNN on or off, fused or per-edge cells; never
-    with one inter-op thread), and two 3-epoch searches ended with alphas 4.5e-3 apart.
-
-    So the tape sums gradients two at a time, in the order it collects them (``a + b``
-    rounds as ``b + a``, whichever buffer is reused), and the arithmetic optimizer is off
-    so that it does not merge those additions back into one ``AddN``.
-
-    Raises:
-        RuntimeError: this TensorFlow has no hook for the tape's sums (determinism
-            cannot be promised).
+    ``open_workdir`` makes the workdir; ``restore`` sets up the checkpoints and says where
+    to resume; ``fit`` trains from there with a NaN stop and a checkpoint after every
+    epoch; ``write_summary`` writes the run's summary (the chief's in the workdir, other
+    workers' under ``workers/``).
     """
-    tf.config.experimental.enable_op_determinism()
-    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
-    _sum_tape_gradients_pairwise()
 
+    config: object
+    workdir: str
+    strategy: tf.distribute.Strategy
+    chief: bool
+    checkpoint: checkpoint_lib.Checkpoint | None = None
+    _shared: checkpoint_lib.Checkpoint | None = None
 
-def _sum_tape_gradients_pairwise() -> None:
-    # The tape takes its aggregation function from the "vector space" registered with the
-    # eager runtime; TensorFlow has no public option for it, so this re-registers
-    # TensorFlow's own vector space with another aggregation function.
-    try:
-        from tensorflow.python import pywrap_tfe
-        from tensorflow.python.eager import backprop
+    @classmethod
+    def start(cls, config, workdir: str) -> Experiment:
+        """Makes the config's strategy (first: it may split the CPU into devices) and
+        seeds; the workdir is untouched until ``open_workdir``."""
+        strategy = distribution.make_strategy(config.distribution)
+        determinism.set_seeds(config.seed, config.deterministic)
+        return cls(config, workdir, strategy, distribution.is_chief(strategy))
 
-        vspace = backprop._default_vspace
-        aggregate_default = backprop._aggregate_grads
-        register = pywrap_tfe.TFE_Py_RegisterVSpace
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            "config.deterministic: this TensorFlow version gives no way to make GradientTape "
-            "sum gradients in a fixed order (its AddN kernel sums in an order that depends "
-            "on thread timing), so the run cannot be made deterministic"
-        ) from e
+    def open_workdir(self) -> None:
+        """Makes the workdir and, on the chief, prepares it (``prepare_workdir``)."""
+        os.makedirs(self.workdir, exist_ok=True)
+        if self.chief:
+            prepare_workdir(self.config, self.workdir)
 
-    def aggregate(gradients):
-        if len(gradients) > 2 and all(isinstance(g, tf.Tensor) for g in gradients):
-            total = gradients[0]
-            for gradient in gradients[1:]:
-                total = tf.math.add(total, gradient)
-            return total
-        # One or two tensors (AddN of two is commutative, hence deterministic), or
-        # IndexedSlices (concatenated, not summed): TensorFlow's own aggregation.
-        return aggregate_default(gradients)
+    def restore(self, groups: dict) -> int:
+        """Checkpoints ``groups`` (``{name: object with .variables}``) from now on and
+        restores the latest checkpoint; returns the epochs it had finished (0: none)."""
+        shared_dir = os.path.join(self.workdir, "checkpoints")
+        # Non-chief workers of a multi-worker run checkpoint into a scratch folder.
+        directory = shared_dir if self.chief else tempfile.mkdtemp()
+        os.makedirs(directory, exist_ok=True)
+        self.checkpoint = checkpoint_lib.Checkpoint(directory, groups)
+        self._shared = checkpoint_lib.Checkpoint(shared_dir, groups)
+        initial_epoch = self._shared.restore() or 0
+        if initial_epoch:
+            logging.info("Resuming %s after epoch %d", self.workdir, initial_epoch)
+        return initial_epoch
 
-    register(vspace._replace(aggregate_fn=aggregate))
+    def fit(self, model, dataset, steps: int, initial_epoch: int, callbacks, **kwargs) -> dict:
+        """``model.fit`` from ``initial_epoch`` to ``config.epochs``; returns the last
+        epoch's metrics.
+
+        ``callbacks``: ``(before, after)``: ``before`` run ahead of the epoch's checkpoint
+        (state they set is saved with it), ``after`` behind it and only on the chief.
+        ``optimizers`` (``{log name: optimizer}``) have their learning rates logged.
+
+        Raises:
+            FloatingPointError: the loss became NaN or infinite (named with its step and
+                the last good checkpoint, which is kept).
+        """
+        before, after = callbacks
+        optimizers = kwargs.pop("optimizers", {})
+        every = kwargs.pop("checkpoint_every_epochs", 1)
+        epochs = self.config.epochs
+        nan_guard = callbacks_lib.NaNGuard(steps)
+        callbacks = [
+            nan_guard,
+            *before,
+            callbacks_lib.CheckpointEveryEpoch(self.checkpoint, epochs, every, nan_guard),
+            callbacks_lib.LearningRateLogger(optimizers),
+            *(after if self.chief else ()),
+        ]
+        if self.chief:
+            tensorboard = os.path.join(self.workdir, "tensorboard")
+            callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False))
+        history = model.fit(
+            dataset,
+            steps_per_epoch=steps,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        if nan_guard.failure is not None:
+            raise FloatingPointError(nan_guard.message(self._shared.latest()))
+        return {k: float(v[-1]) for k, v in history.history.items()}
+
+    def write_summary(self, name: str, summary: dict) -> None:
+        """Writes ``summary`` as JSON to ``name`` in the workdir (other workers of a
+        multi-worker run: ``workers/<task>/name``)."""
+        folder = self.workdir
+        if not self.chief:
+            folder = os.path.join(self.workdir, "workers", distribution.task_name(self.strategy))
+        io_utils.atomic_write_text(os.path.join(folder, name), json.dumps(summary, indent=2) + "\n")
 
 
 def prepare_workdir(config, workdir: str) -> None:

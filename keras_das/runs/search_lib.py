@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 
 import keras
@@ -35,12 +34,10 @@ from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.engine.search_model import SearchModel
 from keras_das.engine.search_model import pair_datasets
 from keras_das.runs import callbacks as callbacks_lib
-from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import data
 from keras_das.runs import distribution
 from keras_das.runs import experiment
 from keras_das.runs import gap_report
-from keras_das.space import latency as latency_lib
 from keras_das.space import primitives
 from keras_das.space import relaxations
 from keras_das.space import variables
@@ -48,8 +45,9 @@ from keras_das.space.genotype import Genotype
 from keras_das.space.search_network import SearchNetwork
 
 
-def validate_config(config) -> None:
-    """Raises a ValueError naming the field, the bad value and the valid choices."""
+def validate_config(config) -> remedies_lib.RemedyPlan:
+    """Raises a ValueError naming the field, the bad value and the valid choices; returns
+    the plan of the remedies section (``keras_das.engine.remedies.plan`` checks it)."""
     experiment.check_field("model.op_names", primitives.check_op_names, config.model.op_names)
     if len(config.model.op_names) < 2:
         raise ValueError(
@@ -68,6 +66,11 @@ def validate_config(config) -> None:
     experiment.check_field(
         "distribution.strategy", distribution.check_strategy, config.distribution.strategy
     )
+    _check_sizes(config)
+    return remedies_lib.plan(config.remedies, config.epochs, config.model.relaxation)
+
+
+def _check_sizes(config) -> None:
     experiment.check_positive(
         config,
         "epochs",
@@ -97,46 +100,24 @@ def validate_config(config) -> None:
         raise ValueError(
             f"config.optimizer.lr_min must be in [0, lr={config.optimizer.lr}], got {config.optimizer.lr_min!r}"
         )
-    r = config.remedies
-    experiment.check_field(
-        "remedies.temperature.schedule",
-        remedies_lib.schedule_value,
-        r.temperature.schedule,
-        r.temperature.start,
-        r.temperature.end,
-        0.0,
-    )
-    if r.zero_one.enabled and config.model.relaxation not in ("sigmoid", "gate"):
-        raise ValueError(
-            "config.remedies.zero_one acts on sigmoid weights; set config.model.relaxation="
-            f"'sigmoid' (got {config.model.relaxation!r})"
-        )
-    if r.partial_channels.enabled:
-        experiment.check_positive(config, "remedies.partial_channels.k")
-        if config.model.channels % r.partial_channels.k:
+    if config.remedies.partial_channels.enabled:
+        k = config.remedies.partial_channels.k
+        if isinstance(k, int) and k > 0 and config.model.channels % k:
             raise ValueError(
-                f"config.remedies.partial_channels.k={r.partial_channels.k} must divide "
+                f"config.remedies.partial_channels.k={k} must divide "
                 f"config.model.channels={config.model.channels}"
             )
-    if r.perturbation.enabled:
-        experiment.check_positive(config, "remedies.perturbation.batches")
-    if r.warmup.enabled and not 0 <= r.warmup.epochs:
-        raise ValueError(f"config.remedies.warmup.epochs must be >= 0, got {r.warmup.epochs!r}")
-    if r.latency.table and not os.path.exists(r.latency.table):
-        raise ValueError(f"config.remedies.latency.table={r.latency.table!r} does not exist")
     if config.optimizer.grad_clip is not None and not config.optimizer.grad_clip > 0:
         raise ValueError(
             f"config.optimizer.grad_clip must be > 0 or None, got {config.optimizer.grad_clip!r}"
         )
 
 
-def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> SearchModel:
-    """The supernet and its SearchModel, compiled as the config says (call under the strategy).
-
-    The remedies the config switches on become architecture penalties here; their
-    callbacks come from ``remedy_callbacks``.
-    """
-    remedies = config.remedies
+def build_search_model(
+    config, info: data.DatasetInfo, steps_per_epoch: int, remedies: remedies_lib.RemedyPlan
+) -> SearchModel:
+    """The supernet and its SearchModel, compiled as the config says (call under the
+    strategy); ``remedies`` is the config's ``RemedyPlan`` (``validate_config`` returns it)."""
     net = SearchNetwork(
         num_classes=info.num_classes,
         channels=config.model.channels,
@@ -148,27 +129,17 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
         relaxation=config.model.relaxation,
         temperature=config.model.temperature,
         seed=config.seed,
-        **derivation_options(config),
-        **cell_options(config),
+        **remedies.network_options,
     )
     search = SearchModel(net)
     search.build((None, *info.image_shape))
-    penalties = []
-    if remedies.l1.enabled:
-        penalties.append(remedies_lib.l1_penalty(remedies.l1.weight))
-    if remedies.zero_one.enabled:
-        penalties.append(remedies_lib.zero_one_penalty(remedies.zero_one.weight))
-    if remedies.latency.enabled:
-        penalties.append(
-            remedies_lib.latency_penalty(remedies.latency.weight, latency_tables(config, net, info))
-        )
     lr = EpochCosineDecay(
         config.optimizer.lr, config.epochs, steps_per_epoch, config.optimizer.lr_min
     )
     search.compile(
         weight_optimizer=keras.optimizers.SGD(lr, momentum=config.optimizer.momentum),
         arch_optimizer=keras.optimizers.Adam(
-            arch_learning_rate(config, steps_per_epoch),
+            arch_learning_rate(config, steps_per_epoch, remedies.frozen_epochs),
             beta_1=config.arch.beta_1,
             beta_2=config.arch.beta_2,
             epsilon=1e-8,
@@ -179,15 +150,15 @@ def build_search_model(config, info: data.DatasetInfo, steps_per_epoch: int) -> 
         weight_decay=config.optimizer.weight_decay,
         arch_weight_decay=config.arch.weight_decay,
         grad_clip=config.optimizer.grad_clip,
-        arch_penalties=penalties,
-        freezable_arch=remedies.warmup.enabled,
+        arch_penalties=remedies.penalties(remedies.latency_tables(net, info.image_shape)),
+        freezable_arch=remedies.freezable_arch,
         jit_compile=config.jit_compile,
         steps_per_execution=config.steps_per_execution,
     )
     return search
 
 
-def arch_learning_rate(config, steps_per_epoch: int) -> float:
+def arch_learning_rate(config, steps_per_epoch: int, frozen_epochs: int) -> float:
     """``arch.lr``, scaled up for searches shorter than ``arch.lr_reference_steps`` steps.
 
     Adam moves each alpha by about its learning rate per step whatever the gradient's
@@ -196,70 +167,11 @@ def arch_learning_rate(config, steps_per_epoch: int) -> float:
     steps gets ``lr * 19550 / N`` so that they can travel as far, and a longer one keeps
     ``lr``. Without it, a search of a few hundred steps ends with the mixing weights still
     uniform and a genotype decided by noise. ``lr_reference_steps=0`` turns it off.
+    ``frozen_epochs`` (PC-DARTS's warm-up: ``RemedyPlan.frozen_epochs``) do not count.
     """
     reference = config.arch.lr_reference_steps
-    frozen = config.remedies.warmup.epochs if config.remedies.warmup.enabled else 0
-    arch_steps = max(1, (config.epochs - frozen) * steps_per_epoch)
+    arch_steps = max(1, (config.epochs - frozen_epochs) * steps_per_epoch)
     return config.arch.lr * max(1.0, reference / arch_steps) if reference else config.arch.lr
-
-
-def derivation_options(config) -> dict:
-    """The derivation constraints the remedies switch on (P-DARTS skip cap, param paths)."""
-    r = config.remedies
-    return {
-        "genotype_max_skips": r.skip_cap.max_skips if r.skip_cap.enabled else None,
-        "genotype_min_param_ops": r.param_paths.min_param_ops if r.param_paths.enabled else 0,
-    }
-
-
-def cell_options(config) -> dict:
-    """Partial channels (PC-DARTS) and the auxiliary skip (DARTS-) of the search cells."""
-    r = config.remedies
-    return {
-        "partial_channels": r.partial_channels.k if r.partial_channels.enabled else 1,
-        "edge_normalization": bool(
-            r.partial_channels.enabled and r.partial_channels.edge_normalization
-        ),
-        "aux_skip": bool(r.aux_skip.enabled),
-    }
-
-
-def latency_tables(config, net, info) -> dict:
-    """Per-cell-type latency tables for the expected-latency penalty (measured and cached,
-    or read from ``remedies.latency.table``)."""
-    given = config.remedies.latency.table
-    table = latency_lib.LatencyTable(
-        given or None, batch_size=config.remedies.latency.batch_size, measure_missing=not given
-    )
-    tables = latency_lib.search_network_tables(net, table, info.image_shape)
-    if table.measured:
-        logging.info("Measured %d op latencies; cached in %s", table.measured, table.path)
-        table.save()
-    return tables
-
-
-def remedy_callbacks(config, history=None) -> tuple[list, remedies_lib.EarlyStopSearch | None]:
-    """The callbacks of the remedies the config switches on (and the early stopper, which
-    reads each epoch's genotype from ``history``)."""
-    r = config.remedies
-    callbacks = []
-    if r.temperature.schedule != "constant":
-        callbacks.append(
-            remedies_lib.TemperatureSchedule(
-                r.temperature.schedule, r.temperature.start, r.temperature.end, config.epochs
-            )
-        )
-    if r.aux_skip.enabled:
-        callbacks.append(remedies_lib.AuxiliarySkipSchedule(r.aux_skip.beta, config.epochs))
-    if r.warmup.enabled:
-        callbacks.append(remedies_lib.ArchWarmup(r.warmup.epochs))
-    early = None
-    if r.early_stop.enabled:
-        early = remedies_lib.EarlyStopSearch(
-            r.early_stop.max_skips, r.early_stop.stable_epochs, history=history
-        )
-        callbacks.append(early)
-    return callbacks, early
 
 
 def run(config, workdir: str, verbose: int | str = "auto") -> dict:
@@ -272,119 +184,109 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         ValueError: an invalid config (before any training).
         FloatingPointError: the loss became NaN (the last good checkpoint is kept).
     """
-    validate_config(config)
-    strategy = distribution.make_strategy(config.distribution)  # first: it may split the CPU
+    remedies = validate_config(config)
+    exp = experiment.Experiment.start(config, workdir)
     info = data.get_info(config.data)  # an unknown dataset fails here, before training
-    experiment.set_seeds(config.seed, config.deterministic)
-    chief = distribution.is_chief(strategy)
-    os.makedirs(workdir, exist_ok=True)
-    if chief:
-        experiment.prepare_workdir(config, workdir)
-
-    with strategy.scope():
+    exp.open_workdir()
+    with exp.strategy.scope():
         _, _, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
-        search = build_search_model(config, info, steps)
-        net = search.supernet
-    # Non-chief workers of a multi-worker run checkpoint into a scratch folder.
-    ckpt_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp()
-    os.makedirs(ckpt_dir, exist_ok=True)
-    checkpoint = checkpoint_lib.Checkpoint(
-        ckpt_dir,
+        search = build_search_model(config, info, steps, remedies)
+    initial_epoch = exp.restore(
         {
-            "supernet": net,
+            "supernet": search.supernet,
             "weight_optimizer": search.weight_optimizer,
             "arch_optimizer": search.arch_optimizer,
-        },
+        }
     )
-    shared = checkpoint_lib.Checkpoint(os.path.join(workdir, "checkpoints"), checkpoint.groups)
-    initial_epoch = shared.restore() or 0
-    if initial_epoch:
-        logging.info("Resuming %s after epoch %d", workdir, initial_epoch)
+    start = time.time()
+    summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
+    history = search_history(exp, initial_epoch)
+    summary.update(fit(exp, search, remedies, history, initial_epoch, verbose))
+    summary["wall_time_s"] = time.time() - start
+    genotype = history.genotype or search.supernet.genotype()  # after the last epoch run here
+    if remedies.perturbation_batches:
+        summary["argmax_genotype"] = genotype.to_dict()
+        selection_start = time.time()
+        genotype = select_by_perturbation(config, search.supernet, remedies.perturbation_batches)
+        summary["perturbation_selection_s"] = time.time() - selection_start
+    if remedies.gap_report_batches is not None and exp.chief:
+        summary["gap_report"] = write_gap_report(config, search, genotype, info, remedies, workdir)
+    summary.update(decision(search, genotype, len(config.model.op_names)))
+    logging.info("%s", describe(summary))
+    if exp.chief:
+        genotype.save(os.path.join(workdir, "genotype.json"))
+    exp.write_summary("search_summary.json", summary)
+    return summary
 
-    history_path = os.path.join(workdir, "alpha_history.json")
+
+def search_history(exp, initial_epoch: int) -> callbacks_lib.MixingWeightsHistory:
+    """The run's ``MixingWeightsHistory`` (continued from ``alpha_history.json`` on a
+    resume; written there by the chief): it derives each epoch's genotype once, and the
+    artifacts, DARTS+'s early stop and the end of the run read it."""
+    path = os.path.join(exp.workdir, "alpha_history.json")
     previous = (
-        callbacks_lib.MixingWeightsHistory.load(history_path)
-        if initial_epoch and os.path.exists(history_path)
+        callbacks_lib.MixingWeightsHistory.load(path)
+        if initial_epoch and os.path.exists(path)
         else None
     )
-    record = callbacks_lib.MixingWeightsHistory(history_path if chief else None, initial=previous)
-    nan_guard = callbacks_lib.NaNGuard(steps)
-    callbacks = [
-        nan_guard,
-        record,
-        callbacks_lib.CheckpointEveryEpoch(
-            checkpoint, config.epochs, config.checkpoint_every_epochs, nan_guard
-        ),
-        callbacks_lib.LearningRateLogger(
-            {"learning_rate": search.weight_optimizer, "arch_learning_rate": search.arch_optimizer}
-        ),
-    ]
-    extra, early_stop = remedy_callbacks(config, record)
-    callbacks[2:2] = extra  # before checkpointing, so that state they set is saved
-    if chief:
-        tensorboard = os.path.join(workdir, "tensorboard")
-        callbacks += [
-            callbacks_lib.SearchArtifacts(
-                workdir, record, os.path.join(tensorboard, "mixing_weights")
-            ),
-            keras.callbacks.TensorBoard(tensorboard, write_graph=False),
-        ]
+    return callbacks_lib.MixingWeightsHistory(path if exp.chief else None, initial=previous)
 
-    summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
-    start = time.time()
+
+def fit(exp, search, remedies, history, initial_epoch: int, verbose) -> dict:
+    """Runs the search's epochs from ``initial_epoch``; returns the summary's entries
+    (final metrics, and DARTS+'s early stop when it stopped the search)."""
+    config, out = exp.config, {}
     # A search that stopped early (DARTS+) is finished: a rerun does not continue it.
-    early_stop_path = os.path.join(workdir, "early_stop.json")
+    early_stop_path = os.path.join(exp.workdir, "early_stop.json")
     if initial_epoch < config.epochs and not os.path.exists(early_stop_path):
         train, val, _, steps = data.search_datasets(
             config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
         )
         paired, _ = pair_datasets(train, val)
-        history = search.fit(
+        remedy_callbacks = remedies.callbacks(history)
+        tensorboard = os.path.join(exp.workdir, "tensorboard")
+        artifacts = callbacks_lib.SearchArtifacts(
+            exp.workdir, history, os.path.join(tensorboard, "mixing_weights")
+        )
+        out["final_metrics"] = exp.fit(
+            search,
             paired,
-            steps_per_epoch=steps,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
+            steps,
+            initial_epoch,
+            ([history, *remedy_callbacks], [artifacts]),
+            optimizers={
+                "learning_rate": search.weight_optimizer,
+                "arch_learning_rate": search.arch_optimizer,
+            },
+            checkpoint_every_epochs=config.checkpoint_every_epochs,
             verbose=verbose,
         )
-        if nan_guard.failure is not None:
-            raise FloatingPointError(nan_guard.message(shared.latest()))
-        summary["final_metrics"] = {k: float(v[-1]) for k, v in history.history.items()}
-        if early_stop is not None and early_stop.stopped_epoch is not None and chief:
-            stopped = {"epoch": early_stop.stopped_epoch + 1, "reason": early_stop.reason}
-            io_utils.atomic_write_text(early_stop_path, json.dumps(stopped) + "\n")
-    if os.path.exists(early_stop_path):
+        stopper = next(
+            (c for c in remedy_callbacks if isinstance(c, remedies_lib.EarlyStopSearch)), None
+        )
+        if stopper is not None and stopper.stopped_epoch is not None:
+            out["early_stop"] = {"epoch": stopper.stopped_epoch + 1, "reason": stopper.reason}
+            if exp.chief:
+                io_utils.atomic_write_text(early_stop_path, json.dumps(out["early_stop"]) + "\n")
+    elif os.path.exists(early_stop_path):
         with open(early_stop_path) as f:
-            summary["early_stop"] = json.load(f)
-    summary["wall_time_s"] = time.time() - start
-    genotype = record.genotype or net.genotype()  # derived after the last epoch run here
-    if config.remedies.perturbation.enabled:
-        summary["argmax_genotype"] = genotype.to_dict()
-        selection_start = time.time()
-        genotype = select_by_perturbation(config, net)
-        summary["perturbation_selection_s"] = time.time() - selection_start
-    if config.remedies.gap_report.enabled and chief:
-        summary["gap_report"] = write_gap_report(config, search, genotype, info, workdir)
-    summary["genotype"] = genotype.to_dict()
-    summary["skip_connections"] = {
-        c: genotype.count("skip_connect", c) for c in ("normal", "reduce")
+            out["early_stop"] = json.load(f)
+    return out
+
+
+def decision(search, genotype: Genotype, num_ops: int) -> dict:
+    """The summary's account of what the search decided: the genotype, its skips, the
+    alphas and each cell's mixing entropy (against the uniform mix's)."""
+    return {
+        "genotype": genotype.to_dict(),
+        "skip_connections": {c: genotype.count("skip_connect", c) for c in ("normal", "reduce")},
+        "alphas": {a.path: a.numpy().tolist() for a in search.arch_vars},
+        "mixing_entropy": {
+            name: float(relaxations.entropy(w))
+            for name, w in variables.mixing_weights(search.supernet).items()
+        },
+        "max_mixing_entropy": math.log(num_ops),
     }
-    summary["alphas"] = {a.path: a.numpy().tolist() for a in search.arch_vars}
-    summary["mixing_entropy"] = {
-        name: float(relaxations.entropy(w))
-        for name, w in variables.mixing_weights(search.supernet).items()
-    }
-    summary["max_mixing_entropy"] = math.log(len(config.model.op_names))
-    logging.info("%s", describe(summary))
-    if chief:
-        genotype.save(os.path.join(workdir, "genotype.json"))
-        summary_dir = workdir
-    else:  # other workers of a multi-worker run report under workers/
-        summary_dir = os.path.join(workdir, "workers", distribution.task_name(strategy))
-    io_utils.atomic_write_text(
-        os.path.join(summary_dir, "search_summary.json"), json.dumps(summary, indent=2) + "\n"
-    )
-    return summary
 
 
 def describe(summary: dict) -> str:
@@ -401,15 +303,15 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def select_by_perturbation(config, net) -> Genotype:
+def select_by_perturbation(config, net, num_batches: int) -> Genotype:
     """DARTS-PT's selection (``keras_das.engine.selection``) on search-val batches."""
     _, val, _, _ = data.search_datasets(config.data, config.data.batch_size, config.seed + 1)
-    batches = list(val.take(config.remedies.perturbation.batches))
+    batches = list(val.take(num_batches))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return selection.perturbation_genotype(net, batches, loss)
 
 
-def write_gap_report(config, search, genotype, info, workdir) -> dict:
+def write_gap_report(config, search, genotype, info, remedies, workdir) -> dict:
     """Writes ``gap_report.json``: supernet vs derived network, and the derived net's cost."""
     train, val, _, steps = data.search_datasets(
         config.data, config.data.batch_size, config.seed + 1
@@ -422,10 +324,10 @@ def write_gap_report(config, search, genotype, info, workdir) -> dict:
         steps,
         info.image_shape,
         info.num_classes,
-        recalibration_steps=min(config.remedies.gap_report.recalibration_batches, steps),
+        recalibration_steps=min(remedies.gap_report_batches, steps),
     )
-    if config.remedies.latency.enabled:
-        tables = latency_tables(config, search.supernet, info)
+    tables = remedies.latency_tables(search.supernet, info.image_shape)
+    if tables is not None:
         result["expected_latency_ms"] = remedies_lib.expected_latency(search.supernet, tables)
     io_utils.atomic_write_text(
         os.path.join(workdir, "gap_report.json"), json.dumps(result, indent=2) + "\n"

@@ -15,9 +15,7 @@ Running the same command again on the same workdir resumes from the last checkpo
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 
 import keras
@@ -27,7 +25,6 @@ from keras_das.discrete import serving
 from keras_das.discrete.discrete_network import DiscreteNetwork
 from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.runs import callbacks as callbacks_lib
-from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import data
 from keras_das.runs import distribution
 from keras_das.runs import experiment
@@ -83,62 +80,18 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         The summary also written to ``train_summary.json`` (``test_accuracy`` among it).
     """
     genotype = validate_config(config)
-    strategy = distribution.make_strategy(config.distribution)  # first: it may split the CPU
-    info = data.get_info(config.data)
-    experiment.set_seeds(config.seed, config.deterministic)
-    chief = distribution.is_chief(strategy)
-    os.makedirs(workdir, exist_ok=True)
-    if chief:
-        experiment.prepare_workdir(config, workdir)
+    exp = experiment.Experiment.start(config, workdir)
+    info = data.get_info(config.data)  # an unknown dataset fails here, before training
+    exp.open_workdir()
+    if exp.chief:
         genotype.save(os.path.join(workdir, "genotype.json"))
         plot.plot_genotype(
             genotype, os.path.join(workdir, "genotype.png"), title=str(config.genotype)
         )
-
-    with strategy.scope():
+    with exp.strategy.scope():
         _, _, _, steps = data.train_datasets(config.data, config.data.batch_size, config.seed)
-        net = DiscreteNetwork(
-            genotype,
-            num_classes=info.num_classes,
-            channels=config.model.channels,
-            num_cells=config.model.num_cells,
-            auxiliary=config.model.auxiliary,
-            auxiliary_weight=config.model.auxiliary_weight,
-            stem_multiplier=config.model.stem_multiplier,
-            seed=config.seed,
-        )
-        net.build((None, *info.image_shape))
-        optimizer = keras.optimizers.SGD(
-            EpochCosineDecay(config.optimizer.lr, config.epochs, steps, config.optimizer.lr_min),
-            momentum=config.optimizer.momentum,
-        )
-        net.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            weight_decay=config.optimizer.weight_decay,
-            grad_clip=config.optimizer.grad_clip,
-            jit_compile=config.jit_compile,
-        )
-        optimizer.build(net.trainable_variables)
-    ckpt_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp()
-    os.makedirs(ckpt_dir, exist_ok=True)
-    checkpoint = checkpoint_lib.Checkpoint(ckpt_dir, {"network": net, "optimizer": optimizer})
-    shared = checkpoint_lib.Checkpoint(os.path.join(workdir, "checkpoints"), checkpoint.groups)
-    initial_epoch = shared.restore() or 0
-
-    nan_guard = callbacks_lib.NaNGuard(steps)
-    callbacks = [
-        nan_guard,
-        callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs),
-        callbacks_lib.CheckpointEveryEpoch(checkpoint, config.epochs, 1, nan_guard),
-        callbacks_lib.LearningRateLogger({"learning_rate": optimizer}),
-    ]
-    if chief:
-        callbacks.append(
-            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)
-        )
-
+        net, optimizer = build_network(config, genotype, info, steps)
+    initial_epoch = exp.restore({"network": net, "optimizer": optimizer})
     train, test, _, steps = data.train_datasets(
         config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
     )
@@ -149,32 +102,18 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         "resumed_from_epoch": initial_epoch,
     }
     if initial_epoch < config.epochs:
-        history = net.fit(
+        summary["final_metrics"] = exp.fit(
+            net,
             train,
-            steps_per_epoch=steps,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
+            steps,
+            initial_epoch,
+            ([callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs)], []),
+            optimizers={"learning_rate": optimizer},
             verbose=verbose,
         )
-        if nan_guard.failure is not None:
-            raise FloatingPointError(nan_guard.message(shared.latest()))
-        summary["final_metrics"] = {k: float(v[-1]) for k, v in history.history.items()}
     summary["train_wall_time_s"] = time.time() - start
-    test_loss, test_accuracy = net.evaluate(test, verbose=0)
-    aux = net.auxiliary_head.trainable_variables if net.auxiliary_head is not None else []
-    summary.update(
-        test_loss=float(test_loss),
-        test_accuracy=float(test_accuracy),
-        num_test_examples=info.num_test,
-        parameters=variables.count_weights(net.trainable_variables) - variables.count_weights(aux),
-        auxiliary_parameters=variables.count_weights(aux),
-        flops=gap_report.count_flops(net, info.image_shape),
-        latency_ms=latency_lib.network_latency(net, info.image_shape, batch_size=1),
-        latency_batch_size=1,
-        device=latency_lib.device_key(),
-    )
-    if chief:
+    summary.update(evaluate(net, test, info))
+    if exp.chief:
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
             net.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
         if config.export.enabled:
@@ -186,7 +125,53 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
                 tflite=config.export.tflite,
                 overwrite=True,
             )
-        io_utils.atomic_write_text(
-            os.path.join(workdir, "train_summary.json"), json.dumps(summary, indent=2) + "\n"
-        )
+        exp.write_summary("train_summary.json", summary)
     return summary
+
+
+def build_network(config, genotype: Genotype, info, steps_per_epoch: int):
+    """The network and its optimizer, compiled as the config says (call under the strategy)."""
+    net = DiscreteNetwork(
+        genotype,
+        num_classes=info.num_classes,
+        channels=config.model.channels,
+        num_cells=config.model.num_cells,
+        auxiliary=config.model.auxiliary,
+        auxiliary_weight=config.model.auxiliary_weight,
+        stem_multiplier=config.model.stem_multiplier,
+        seed=config.seed,
+    )
+    net.build((None, *info.image_shape))
+    optimizer = keras.optimizers.SGD(
+        EpochCosineDecay(
+            config.optimizer.lr, config.epochs, steps_per_epoch, config.optimizer.lr_min
+        ),
+        momentum=config.optimizer.momentum,
+    )
+    net.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        weight_decay=config.optimizer.weight_decay,
+        grad_clip=config.optimizer.grad_clip,
+        jit_compile=config.jit_compile,
+    )
+    optimizer.build(net.trainable_variables)
+    return net, optimizer
+
+
+def evaluate(net, test, info) -> dict:
+    """The summary's test figures: accuracy and loss, weights, FLOPs and latency."""
+    test_loss, test_accuracy = net.evaluate(test, verbose=0)
+    aux = net.auxiliary_head.trainable_variables if net.auxiliary_head is not None else []
+    return dict(
+        test_loss=float(test_loss),
+        test_accuracy=float(test_accuracy),
+        num_test_examples=info.num_test,
+        parameters=variables.count_weights(net.trainable_variables) - variables.count_weights(aux),
+        auxiliary_parameters=variables.count_weights(aux),
+        flops=gap_report.count_flops(net, info.image_shape),
+        latency_ms=latency_lib.network_latency(net, info.image_shape, batch_size=1),
+        latency_batch_size=1,
+        device=latency_lib.device_key(),
+    )

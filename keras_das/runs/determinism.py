@@ -1,0 +1,73 @@
+"""Seeds, and deterministic mode: the same config gives the same bits, run after run."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def set_seeds(seed: int, deterministic: bool) -> None:
+    """Seeds Python, NumPy and TensorFlow; with ``deterministic``, also makes the run
+    bit-for-bit repeatable (``enable_determinism``)."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        enable_determinism()
+
+
+def enable_determinism() -> None:
+    """Deterministic ops and deterministic sums of gradients, for the rest of the process.
+
+    ``tf.config.experimental.enable_op_determinism`` alone does not make training
+    repeatable on a CPU. TensorFlow's ``AddN`` kernel (a sum of several tensors) adds
+    into the first input whose buffer no other op still holds, and moves that input to
+    the front of the sum. Which input that is depends on which concurrent ops have
+    finished (inter-op threads), so a sum of three or more tensors is rounded differently
+    from call to call. ``GradientTape`` sums the gradients of every tensor that several
+    ops read (each state of a cell, each batch norm's input) with one ``AddN``, and
+    Grappler's arithmetic optimizer merges chains of additions into ``AddN`` ops. On the
+    smoke preset the architecture gradient of one fixed batch came out with up to 12
+    different roundings in 30 calls (with oneDNN on or off, fused or per-edge cells; never
+    with one inter-op thread), and two 3-epoch searches ended with alphas 4.5e-3 apart.
+
+    So the tape sums gradients two at a time, in the order it collects them (``a + b``
+    rounds as ``b + a``, whichever buffer is reused), and the arithmetic optimizer is off
+    so that it does not merge those additions back into one ``AddN``.
+
+    Raises:
+        RuntimeError: this TensorFlow has no hook for the tape's sums (determinism
+            cannot be promised).
+    """
+    tf.config.experimental.enable_op_determinism()
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    _sum_tape_gradients_pairwise()
+
+
+def _sum_tape_gradients_pairwise() -> None:
+    # The tape takes its aggregation function from the "vector space" registered with the
+    # eager runtime; TensorFlow has no public option for it, so this re-registers
+    # TensorFlow's own vector space with another aggregation function.
+    try:
+        from tensorflow.python import pywrap_tfe
+        from tensorflow.python.eager import backprop
+
+        vspace = backprop._default_vspace
+        aggregate_default = backprop._aggregate_grads
+        register = pywrap_tfe.TFE_Py_RegisterVSpace
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            "config.deterministic: this TensorFlow version gives no way to make GradientTape "
+            "sum gradients in a fixed order (its AddN kernel sums in an order that depends "
+            "on thread timing), so the run cannot be made deterministic"
+        ) from e
+
+    def aggregate(gradients):
+        if len(gradients) > 2 and all(isinstance(g, tf.Tensor) for g in gradients):
+            total = gradients[0]
+            for gradient in gradients[1:]:
+                total = tf.math.add(total, gradient)
+            return total
+        # One or two tensors (AddN of two is commutative, hence deterministic), or
+        # IndexedSlices (concatenated, not summed): TensorFlow's own aggregation.
+        return aggregate_default(gradients)
+
+    register(vspace._replace(aggregate_fn=aggregate))
