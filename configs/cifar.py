@@ -21,6 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from keras_das.runs import data
+from keras_das.runs import distribution
 from keras_das.space.primitives import DARTS_OPS
 
 PRESETS = ("default", "smoke", "cifar_smoke")
@@ -70,14 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "weight_decay": 1e-3,
         }
     )
-    config.distribution = ml_collections.ConfigDict(
-        {
-            "strategy": "none",  # none, mirrored, multi_worker, tpu
-            "tpu_address": "",
-            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
-            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
-        }
-    )
+    config.distribution = distribution.default_config()
     # Remedies for collapse and the discretisation gap (keras_das.engine.remedies); each off by
     # default, with its published setting once switched on.
     config.remedies = ml_collections.ConfigDict(

@@ -7,6 +7,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from keras_das.runs import experiment
+
 
 def default_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The ``data`` config section, with the DARTS search defaults on CIFAR-10.
@@ -17,7 +19,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
     Returns:
         A ConfigDict with every field the data package reads.
     """
-    config = ml_collections.ConfigDict(
+    return experiment.config_section(
         {
             "name": "cifar10",  # "synthetic" or a TFDS image-classification dataset
             "data_dir": config_dict.placeholder(str),  # None: the TFDS default
@@ -28,13 +30,9 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
             "num_examples": config_dict.placeholder(int),  # None: the whole train split
             "num_test_examples": config_dict.placeholder(int),  # None: the whole test split
             "synthetic_seed": 0,  # seeds the images of the "synthetic" dataset
-        }
+        },
+        **overrides,
     )
-    config.lock()  # a misspelt override is an error (with a suggestion), not a new field
-    for field, value in overrides.items():
-        setattr(config, field, value)
-    config.unlock()
-    return config
 
 
 def check_config(data_config: Any) -> None:
