@@ -72,9 +72,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     config.distribution = distribution.default_config()
+    config.remedies = _remedies()
+
+    if preset in ("smoke", "cifar_smoke"):
+        config.epochs = 3
+        config.data.batch_size = 32
+        config.data.num_examples = 1000
+        config.model.channels = 8
+        config.model.num_cells = 5
+    if preset == "smoke":
+        config.data.name = data.SYNTHETIC
+    return config
+
+
+def _remedies() -> ml_collections.ConfigDict:
+    """The ``remedies`` section: each remedy off, with its published setting once on."""
     # Remedies for collapse and the discretisation gap (keras_das.engine.remedies); each off by
     # default, with its published setting once switched on.
-    config.remedies = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         {
             # Sparsity: L1 on the mixing weights (acts on sigmoid relaxations), and
             # FairDARTS's zero-one loss (weight 10, with model.relaxation="sigmoid").
@@ -108,13 +123,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "gap_report": {"enabled": True, "recalibration_batches": 20},
         }
     )
-
-    if preset in ("smoke", "cifar_smoke"):
-        config.epochs = 3
-        config.data.batch_size = 32
-        config.data.num_examples = 1000
-        config.model.channels = 8
-        config.model.num_cells = 5
-    if preset == "smoke":
-        config.data.name = data.SYNTHETIC
-    return config
