@@ -21,6 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from keras_das.runs import data
+from keras_das.runs import distribution
 from keras_das.space.primitives import DARTS_OPS
 
 PRESETS = ("default", "smoke", "cifar_smoke")
@@ -70,17 +71,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "weight_decay": 1e-3,
         }
     )
-    config.distribution = ml_collections.ConfigDict(
-        {
-            "strategy": "none",  # none, mirrored, multi_worker, tpu
-            "tpu_address": "",
-            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
-            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
-        }
-    )
+    config.distribution = distribution.default_config()
+    config.remedies = _remedies()
+
+    if preset in ("smoke", "cifar_smoke"):
+        config.epochs = 3
+        config.data.batch_size = 32
+        config.data.num_examples = 1000
+        config.model.channels = 8
+        config.model.num_cells = 5
+    if preset == "smoke":
+        config.data.name = data.SYNTHETIC
+    return config
+
+
+def _remedies() -> ml_collections.ConfigDict:
+    """The ``remedies`` section: each remedy off, with its published setting once on."""
     # Remedies for collapse and the discretisation gap (keras_das.engine.remedies); each off by
     # default, with its published setting once switched on.
-    config.remedies = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         {
             # Sparsity: L1 on the mixing weights (acts on sigmoid relaxations), and
             # FairDARTS's zero-one loss (weight 10, with model.relaxation="sigmoid").
@@ -114,13 +123,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "gap_report": {"enabled": True, "recalibration_batches": 20},
         }
     )
-
-    if preset in ("smoke", "cifar_smoke"):
-        config.epochs = 3
-        config.data.batch_size = 32
-        config.data.num_examples = 1000
-        config.model.channels = 8
-        config.model.num_cells = 5
-    if preset == "smoke":
-        config.data.name = data.SYNTHETIC
-    return config

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from keras_das.runs import data
+from keras_das.runs import distribution
 
 PRESETS = ("default", "smoke", "cifar_smoke")
 
@@ -52,14 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(
         {"lr": 0.025, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 3e-4, "grad_clip": 5.0}
     )
-    config.distribution = ml_collections.ConfigDict(
-        {
-            "strategy": "none",  # none, mirrored, multi_worker, tpu
-            "tpu_address": "",
-            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
-            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
-        }
-    )
+    config.distribution = distribution.default_config()
 
     # The final network as a TF Serving SavedModel (workdir/export/<version>/) and TFLite.
     config.export = ml_collections.ConfigDict({"enabled": True, "tflite": True})

@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from keras_das.runs import data
+from keras_das.runs import distribution
 from keras_das.space.primitives import DARTS_OPS
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -214,3 +215,19 @@ def test_default_data_config_rejects_typos():
     assert data.default_config(batch_size=96).batch_size == 96
     with pytest.raises(AttributeError, match='Did you mean "cutout"'):
         data.default_config(cut_out=16)
+
+
+def test_default_distribution_config_is_one_device_and_rejects_typos():
+    assert distribution.default_config().to_dict() == DISTRIBUTION
+    config = distribution.default_config(strategy="mirrored", cpu_devices=2)
+    assert (config.strategy, config.cpu_devices, config.devices) == ("mirrored", 2, ())
+    with pytest.raises(AttributeError, match='Did you mean "strategy"'):
+        distribution.default_config(stratgy="mirrored")
+
+
+@pytest.mark.parametrize("path", [SEARCH, RETRAIN])
+def test_config_files_take_their_sections_from_the_modules(path):
+    config = load(path).get_config()
+    assert isinstance(config.distribution, type(distribution.default_config()))
+    assert config.distribution.to_dict() == distribution.default_config().to_dict()
+    assert config.data.keys() == data.default_config().keys()

@@ -15,6 +15,9 @@ import tensorflow_datasets as tfds
 from keras import layers
 
 from keras_das.runs import data
+from keras_das.runs.data import augment
+from keras_das.runs.data import registry
+from keras_das.runs.data import synthetic
 from tests.testing import CIFAR10_DATA_DIR
 from tests.testing import needs_cifar10
 
@@ -211,6 +214,109 @@ def test_search_split_is_train_portion_and_each_epoch_a_permutation():
 
 
 # ---------------------------------------------------------------------------------------
+# SearchData and TrainData: one opened dataset, the batches of search_datasets/train_datasets
+
+
+def assert_same_batches(a, b, count):
+    for (x1, y1), (x2, y2) in zip(a.take(count), b.take(count), strict=True):
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+
+
+@pytest.mark.parametrize(
+    "initial_epoch, epochs, seed", [(0, 2, None), (2, 4, None), (1, None, 7), (0, 1, 0)]
+)
+def test_search_data_streams_are_the_batches_of_search_datasets(initial_epoch, epochs, seed):
+    config = data_config(num_examples=400, cutout=8, batch_size=32, train_portion=0.4)
+    search = data.SearchData(config, seed=5)
+    expected_seed = 5 if seed is None else seed
+    train, val, info, steps = data.search_datasets(config, 32, expected_seed, initial_epoch, epochs)
+    assert (search.info, search.steps_per_epoch, search.batch_size) == (info, steps, 32)
+    assert steps == min(160, 240) // 32
+    got = search.streams(initial_epoch, epochs, seed=seed)
+    for expected, stream in zip((train, val), got, strict=True):
+        assert stream.cardinality() == expected.cardinality()
+        assert_same_batches(expected, stream, steps + 1)  # into the next epoch
+
+
+@pytest.mark.parametrize("initial_epoch, epochs, seed", [(0, 2, None), (3, 5, None), (0, 1, 1)])
+def test_train_data_streams_are_the_batches_of_train_datasets(initial_epoch, epochs, seed):
+    config = data_config(num_examples=300, num_test_examples=100, cutout=4, batch_size=64)
+    train_data = data.TrainData(config, seed=2)
+    expected_seed = 2 if seed is None else seed
+    train, test, info, steps = data.train_datasets(config, 64, expected_seed, initial_epoch, epochs)
+    assert (train_data.info, train_data.steps_per_epoch) == (info, steps) and steps == 4
+    got_train, got_test = train_data.streams(initial_epoch, epochs, seed=seed)
+    assert_same_batches(train, got_train, steps + 1)
+    assert [int(y.shape[0]) for _, y in got_test] == [64, 36]
+    assert_same_batches(test, got_test, 2)
+
+
+@pytest.fixture
+def source_opens(monkeypatch):
+    """Counts the datasets opened (a TFDS builder made, statistics read) by name."""
+    opened = []
+    real = registry.open_source
+
+    def counting(data_config):
+        opened.append(data_config.name)
+        return real(data_config)
+
+    monkeypatch.setattr(registry, "open_source", counting)
+    return opened
+
+
+@pytest.mark.parametrize("cls", [data.SearchData, data.TrainData])
+def test_the_dataset_is_opened_once(cls, source_opens):
+    opened = cls(data_config(num_examples=200, batch_size=16), seed=0)
+    assert source_opens == ["synthetic"]
+    assert opened.steps_per_epoch == (100 if cls is data.SearchData else 200) // 16
+    for kwargs in ({}, {"initial_epoch": 1, "epochs": 3}, {"seed": 4}):
+        for stream in opened.streams(**kwargs):
+            first_batch(stream)
+    assert source_opens == ["synthetic"]
+    data.search_datasets(data_config(), 16, seed=0)  # the wrapper opens it for one use
+    assert source_opens == ["synthetic"] * 2
+
+
+def test_a_tfds_dataset_is_opened_once(tmp_path, monkeypatch):
+    builders = []
+    real = tfds.builder
+
+    def counting(*args, **kwargs):
+        builders.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tfds, "builder", counting)
+    config = data_config(name="cifar10", data_dir=str(tmp_path), batch_size=8)
+    with tfds.testing.mock_data(num_examples=40):
+        search = data.SearchData(config, seed=2)
+        for initial_epoch in (0, 1):
+            train, val = search.streams(initial_epoch, 2)
+            assert search.steps_per_epoch == 20 // 8
+            assert len(list(train)) == len(list(val)) == (2 - initial_epoch) * 2
+    assert builders == ["cifar10"]
+
+
+def test_search_data_reads_the_batch_size_and_checks_the_config():
+    search = data.SearchData(data_config(num_examples=400, batch_size=25), seed=0)
+    assert (search.batch_size, search.steps_per_epoch) == (25, 200 // 25)
+    with pytest.raises(ValueError, match="64 is larger than the search-train split .*50 exam"):
+        data.SearchData(data_config(num_examples=100), seed=0)
+    with pytest.raises(ValueError, match="train_portion must be in"):
+        data.SearchData(data_config(train_portion=1.0), seed=0)
+    with pytest.raises(ValueError, match="epochs must be None or larger than initial_epoch=2"):
+        data.TrainData(data_config(), seed=0).streams(initial_epoch=2, epochs=1)
+
+
+def test_the_wrappers_leave_the_callers_config_alone():
+    config = data_config(num_examples=400)
+    data.search_datasets(config, 16, seed=0)
+    data.train_datasets(config, 16, seed=0)
+    assert config.batch_size == 64
+
+
+# ---------------------------------------------------------------------------------------
 # Augmentation
 
 
@@ -218,13 +324,13 @@ def test_crop_pads_with_black_and_flip_mirrors():
     info = data.DatasetInfo("t", 10, (6, 6, 1), (0.0,), (1.0 / 255.0,), 1, 1)
     image = np.arange(36, dtype=np.uint8).reshape(1, 6, 6, 1) + 1
     # Draw 0 -> crop offset 0 (image shifted down-right by the padding, 4); flip draw 0.9 -> no.
-    out = data._transform(
+    out = augment.transform(
         image, tf.constant([[0.0, 0.0, 0.9, 0, 0]]), info=info, augment=True, cutout=0
     ).numpy()[0, :, :, 0]
     np.testing.assert_allclose(out[4:, 4:], image[0, :2, :2, 0], atol=1e-4)
     assert np.all(out[:4] == 0) and np.all(out[:, :4] == 0)
     # Draw 0.5 -> offset 4 (no shift); flip draw 0.1 -> mirrored.
-    out = data._transform(
+    out = augment.transform(
         image, tf.constant([[0.5, 0.5, 0.1, 0, 0]]), info=info, augment=True, cutout=0
     ).numpy()[0, :, :, 0]
     np.testing.assert_allclose(out, image[0, :, ::-1, 0], atol=1e-4)
@@ -258,7 +364,7 @@ def test_cutout_zeroes_a_square_clipped_at_the_border():
 
 
 def test_synthetic_is_deterministic_by_seed_and_balanced():
-    generate = data._synthetic_images.__wrapped__
+    generate = synthetic._images.__wrapped__
     x0, y0 = generate(0, "train")
     x0b, y0b = generate(0, "train")
     x1, _ = generate(1, "train")

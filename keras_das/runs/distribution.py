@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
+import ml_collections
 import tensorflow as tf
 
+from keras_das.runs import experiment
+
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+
+
+def default_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The ``distribution`` config section: one device (the default strategy).
+
+    Args:
+        **overrides: fields to change, e.g. ``strategy="mirrored", cpu_devices=2``.
+
+    Returns:
+        A ConfigDict with every field ``make_strategy`` reads.
+    """
+    return experiment.config_section(
+        {
+            "strategy": "none",  # none, mirrored, multi_worker, tpu
+            "tpu_address": "",
+            "devices": (),  # mirrored: device names; () = every GPU, else the CPU
+            "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
+        },
+        **overrides,
+    )
 
 
 def check_strategy(name: str) -> str:

@@ -10,8 +10,10 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import keras
+import ml_collections
 import tensorflow as tf
 
 from keras_das import io_utils
@@ -19,6 +21,25 @@ from keras_das.runs import callbacks as callbacks_lib
 from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import determinism
 from keras_das.runs import distribution
+
+
+def config_section(fields: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
+    """A config section with its defaults, e.g. ``data.default_config(batch_size=96)``.
+
+    Args:
+        fields: every field of the section with its default value.
+        **overrides: fields to change; a misspelt one is an error with a suggestion (the
+            section is locked while they are set), not a new field.
+
+    Returns:
+        The section, unlocked (a config file may add to it; the binaries lock it).
+    """
+    config = ml_collections.ConfigDict(fields)
+    config.lock()
+    for field, value in overrides.items():
+        setattr(config, field, value)
+    config.unlock()
+    return config
 
 
 def check_field(field: str, check: Callable, *args):
