@@ -451,6 +451,18 @@ OPS: dict[str, OpFactory] = {
     "factorized_reduce": lambda c, s, affine: FactorizedReduce(c, affine=affine),
 }
 
+# The factories the package ships, kept apart from OPS, which users may change.
+_BUILTIN_OPS = dict(OPS)
+
+
+def is_builtin_op(name: str) -> bool:
+    """Whether ``OPS[name]`` is the factory the package ships under ``name``.
+
+    False for a user-registered name and for a built-in name re-registered with
+    ``overwrite=True`` (whatever the new factory builds).
+    """
+    return name in OPS and OPS[name] is _BUILTIN_OPS.get(name)
+
 
 def register_op(name: str, factory: OpFactory, overwrite: bool = False) -> None:
     """Adds a candidate op under ``name``.
