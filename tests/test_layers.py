@@ -16,10 +16,12 @@ from keras.src.saving import saving_lib
 import keras_das
 from keras_das.discrete import discrete_network
 from keras_das.engine import search_model
+from keras_das.space import fused_batch_norm
 from keras_das.space import fused_cell
 from keras_das.space import mixed_op
 from keras_das.space import primitives
 from keras_das.space import search_network
+from keras_das.space import stacked_ops
 from tests.testing import random_inputs
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -52,18 +54,18 @@ LAYERS = {
     "FactorizedReduce": _single(lambda: primitives.FactorizedReduce(6)),
     "MixedOp": _single(lambda: mixed_op.MixedOp(list(OPS), channels=4, seed=0)),
     # The fused cell's parts.
-    "FusedBatchNorm": _single(fused_cell.FusedBatchNorm),
-    "PoolBatchNorm": _single(lambda: fused_cell.PoolBatchNorm("max", 1)),
+    "FusedBatchNorm": _single(fused_batch_norm.FusedBatchNorm),
+    "SharedPoolBN": _single(lambda: stacked_ops.SharedPoolBN("max", 1)),
     "StackedSepConv": _single(
-        lambda: fused_cell.StackedSepConv(4, 2), inputs=np.concatenate([X, X], -1)
+        lambda: stacked_ops.StackedSepConv(4, 2), inputs=np.concatenate([X, X], -1)
     ),
     "StackedDilConv": _single(
-        lambda: fused_cell.StackedDilConv(4, 2), inputs=np.concatenate([X, X], -1)
+        lambda: stacked_ops.StackedDilConv(4, 2), inputs=np.concatenate([X, X], -1)
     ),
-    "StackedConv": _single(lambda: fused_cell.StackedConv(4, 2)),
-    "StackedReLUConvBN": _single(lambda: fused_cell.StackedReLUConvBN(4, 1, kernel_size=1)),
-    "StackedFactorizedReduce": _single(lambda: fused_cell.StackedFactorizedReduce(4, 2)),
-    "StackedFactorizedReduceBlock": _single(lambda: fused_cell.StackedFactorizedReduceBlock(4, 1)),
+    "StackedConv": _single(lambda: stacked_ops.StackedConv(4, 2)),
+    "StackedReLUConvBN": _single(lambda: stacked_ops.StackedReLUConvBN(4, 1, kernel_size=1)),
+    "StackedFactorizedReduce": _single(lambda: stacked_ops.StackedFactorizedReduce(4, 2)),
+    "StackedFactorizedReduceBlock": _single(lambda: stacked_ops.StackedFactorizedReduceBlock(4, 1)),
     "FusedMixedOps": (
         lambda: fused_cell.FusedMixedOps(OPS, 4, 2),
         lambda layer: layer(X, WEIGHTS_2, training=False),

@@ -57,8 +57,8 @@ _statistics = threading.local()
 
 @contextlib.contextmanager
 def discarding_batch_norm_statistics():
-    """Within this context, batch norms that can (``keras_das.space.fused_cell``'s) build no
-    moving-statistic updates.
+    """Within this context, batch norms that can (``keras_das.space.fused_batch_norm``'s)
+    build no moving-statistic updates.
 
     For model calls in a ``keras.StatelessScope`` whose updates are thrown away (the
     architect's losses at other weights): the updates would be dead graph ops, which
