@@ -158,3 +158,51 @@ def test_output_shape_follows_the_argument(name):
         actual = layer(x, training=False).shape
     assert after == (None, *actual[1:])
     assert before in (None, after)
+
+
+MIXED = "mixed_bfloat16"
+
+
+_SEARCH = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
+# Both search-cell implementations and a discrete network, given dtype=MIXED.
+_MIXED_NETWORKS = {
+    "fused": lambda: keras_das.SearchNetwork(**_SEARCH, dtype=MIXED),
+    "per_edge": lambda: keras_das.SearchNetwork(
+        **_SEARCH, cell_implementation="per_edge", dtype=MIXED
+    ),
+    "discrete": lambda: keras_das.DiscreteNetwork(
+        keras_das.DARTS_V2, num_classes=3, channels=4, num_cells=3, auxiliary=True, dtype=MIXED
+    ),
+}
+
+
+def _assert_every_layer_on_the_mixed_policy(net):
+    net(IMAGES, training=True)  # built: the composite ops' chains exist
+    off = [
+        (layer.path, layer.dtype_policy.name)
+        for layer in net._flatten_layers(include_self=True, recursive=True)
+        if layer.dtype_policy.name != MIXED
+    ]
+    assert not off, off
+    logits = net(IMAGES, training=False)
+    assert logits.dtype == "bfloat16"
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))))
+
+
+@pytest.mark.parametrize("name", ["fused", "per_edge", "discrete"])
+def test_sublayers_follow_the_network_dtype_policy(name):
+    """A network made with ``dtype="mixed_bfloat16"`` puts every sublayer on that policy
+    (Keras 3 passes a layer's policy to the sublayers it makes) and runs forward."""
+    _assert_every_layer_on_the_mixed_policy(_MIXED_NETWORKS[name]())
+
+
+def test_sublayers_follow_the_global_dtype_policy():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(MIXED)
+    try:
+        net = keras_das.SearchNetwork(**_SEARCH)
+        _assert_every_layer_on_the_mixed_policy(net)
+        alphas = keras_das.arch_variables(net)
+        assert alphas and all(v.dtype == "float32" for v in alphas)
+    finally:
+        keras.config.set_dtype_policy(previous)

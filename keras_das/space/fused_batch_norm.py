@@ -86,7 +86,7 @@ class FusedBatchNorm(layers.BatchNormalization):
         return outputs
 
 
-def batch_norm(name: str | None = None) -> FusedBatchNorm:
+def batch_norm(name: str | None = None, dtype=None) -> FusedBatchNorm:
     """``primitives.batch_norm(affine=False)``'s settings, on the fused kernel."""
     return FusedBatchNorm(
         momentum=primitives.BN_MOMENTUM,
@@ -94,4 +94,5 @@ def batch_norm(name: str | None = None) -> FusedBatchNorm:
         center=False,
         scale=False,
         name=name,
+        dtype=dtype,
     )

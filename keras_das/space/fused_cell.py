@@ -128,19 +128,19 @@ class FusedMixedOps(layers.Layer):
 
     def _make_op(self, index, name):
         c, e, s = self.channels, self.edges, self.strides
-        label = f"op_{index}_{name}"
+        kwargs = dict(name=f"op_{index}_{name}", dtype=self.dtype_policy)
         if name == "none" or (name == "skip_connect" and s == 1):
             return None
         if name in ("max_pool_3x3", "avg_pool_3x3"):
-            return stacked_ops.SharedPoolBN(name[:3], strides=s, name=label)
+            return stacked_ops.SharedPoolBN(name[:3], strides=s, **kwargs)
         if name == "skip_connect":
-            return stacked_ops.StackedFactorizedReduce(c, e, name=label)
+            return stacked_ops.StackedFactorizedReduce(c, e, **kwargs)
         kernel = int(name[-1])
         if name.startswith("sep_conv"):
-            return stacked_ops.StackedSepConv(c, e, kernel, s, name=label)
+            return stacked_ops.StackedSepConv(c, e, kernel, s, **kwargs)
         if name.startswith("dil_conv"):
-            return stacked_ops.StackedDilConv(c, e, kernel, s, name=label)
-        return stacked_ops.StackedConv(c, e, kernel, s, name=label)
+            return stacked_ops.StackedDilConv(c, e, kernel, s, **kwargs)
+        return stacked_ops.StackedConv(c, e, kernel, s, **kwargs)
 
     def _op(self, index):
         return self.op_layers.get(str(index))
@@ -322,13 +322,18 @@ class FusedSearchCell(layers.Layer):
         self.steps = steps
         self.multiplier = multiplier
         # SearchCell's preprocessing (search_network.preprocess), as one-edge stacked ops.
+        dtype = self.dtype_policy
         if reduction_prev:
             self.preprocess0 = stacked_ops.StackedFactorizedReduceBlock(
-                channels, 1, name="preprocess0"
+                channels, 1, name="preprocess0", dtype=dtype
             )
         else:
-            self.preprocess0 = stacked_ops.StackedReLUConvBN(channels, 1, 1, name="preprocess0")
-        self.preprocess1 = stacked_ops.StackedReLUConvBN(channels, 1, 1, name="preprocess1")
+            self.preprocess0 = stacked_ops.StackedReLUConvBN(
+                channels, 1, 1, name="preprocess0", dtype=dtype
+            )
+        self.preprocess1 = stacked_ops.StackedReLUConvBN(
+            channels, 1, 1, name="preprocess1", dtype=dtype
+        )
         # State j feeds nodes max(0, j - 1) .. steps - 1; the last state feeds none.
         self.sources = []
         for j in range(steps + 1):
@@ -339,6 +344,7 @@ class FusedSearchCell(layers.Layer):
                     edges=len(self._targets(j)),
                     strides=2 if reduction and j < 2 else 1,
                     name=f"state_{j}",
+                    dtype=dtype,
                 )
             )
 

@@ -99,7 +99,10 @@ class _StackedSeparable(_StackedOp):
     def __init__(self, channels, edges, kernel_size=3, strides=1, **kwargs):
         super().__init__(channels, edges, strides, **kwargs)
         self.kernel_size = kernel_size
-        self.bns = [fused_batch_norm.batch_norm(f"bn_{i + 1}") for i in range(self.repeats)]
+        self.bns = [
+            fused_batch_norm.batch_norm(f"bn_{i + 1}", self.dtype_policy)
+            for i in range(self.repeats)
+        ]
 
     @property
     def input_kind(self):
@@ -176,7 +179,7 @@ class StackedConv(_StackedOp):
     def __init__(self, channels, edges, kernel_size=3, strides=1, **kwargs):
         super().__init__(channels, edges, strides, **kwargs)
         self.kernel_size = kernel_size
-        self.bn = fused_batch_norm.batch_norm("bn")
+        self.bn = fused_batch_norm.batch_norm("bn", self.dtype_policy)
 
     def build(self, input_shape):
         k, c, e = self.kernel_size, self.channels, self.edges
@@ -212,7 +215,7 @@ class StackedFactorizedReduce(_StackedOp):
         super().__init__(channels, edges, strides, **kwargs)
         if channels % 2:
             raise ValueError(f"FactorizedReduce needs an even number of channels, got {channels}")
-        self.bn = fused_batch_norm.batch_norm("bn")
+        self.bn = fused_batch_norm.batch_norm("bn", self.dtype_policy)
 
     def build(self, input_shape):
         half, e, c_in = self.channels // 2, self.edges, input_shape[-1]
@@ -270,8 +273,8 @@ class SharedPoolBN(layers.Layer):
         super().__init__(**kwargs)
         self.pool_type = pool_type
         self.strides = strides
-        self.pool = primitives.Pool(pool_type, 3, strides)
-        self.bn = fused_batch_norm.batch_norm("bn")
+        self.pool = primitives.Pool(pool_type, 3, strides, dtype=self.dtype_policy)
+        self.bn = fused_batch_norm.batch_norm("bn", self.dtype_policy)
 
     def build(self, input_shape):
         self.bn.build(self.pool.compute_output_shape(input_shape))
