@@ -9,11 +9,12 @@ import keras_das
 from keras_das import FusedSearchCell
 from keras_das import SearchCell
 from keras_das import SearchNetwork
-from keras_das.space import fused_cell
 from keras_das.space import primitives
+from keras_das.space import stacked_ops
 from keras_das.space import variables
-from keras_das.space.fused_cell import FusedBatchNorm
+from keras_das.space.fused_batch_norm import FusedBatchNorm
 from keras_das.space.topology import num_edges
+from tests import fused_weights
 from tests import testing
 
 pytestmark = pytest.mark.kernel_path
@@ -71,7 +72,7 @@ def _cell_pair(
         ):
             for v in layer.non_trainable_variables:
                 v.assign(rng.uniform(0.5, 1.5, size=v.shape).astype("float32"))
-    fused.copy_weights_from(per_edge)
+    fused_weights.copy_weights(per_edge, fused)
     return per_edge, fused, (s0, s1, w)
 
 
@@ -101,7 +102,7 @@ def _mapped(fused, per_edge, by_id):
             by_id[id(variable)] if id(variable) in by_id else variable
         )
 
-    return fused.per_edge_values(per_edge, value_of)
+    return fused_weights.per_edge_values(fused, per_edge, value_of)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_fused_cell_matches_the_per_edge_cell(
     subset, layout, reduction, reduction_prev, monkeypatch
 ):
     if layout == "tiled":  # the layout of sep and dil convs on more than 16 channels
-        monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
+        monkeypatch.setattr(stacked_ops, "_DENSE_MAX_CHANNELS", 0)
     per_edge, fused, inputs = _cell_pair(reduction, reduction_prev, OP_SUBSETS[subset])
     _assert_cells_agree(per_edge, fused, *inputs)
 
@@ -137,7 +138,7 @@ def test_partial_channels_match_the_per_edge_cell(
     """PC-DARTS: ops on the first C/K channels, the rest bypassed (pooled at stride 2),
     channel-shuffled together on every edge."""
     if layout == "tiled":
-        monkeypatch.setattr(fused_cell, "_DENSE_MAX_CHANNELS", 0)
+        monkeypatch.setattr(stacked_ops, "_DENSE_MAX_CHANNELS", 0)
     per_edge, fused, inputs = _cell_pair(
         reduction,
         reduction_prev,
@@ -164,7 +165,7 @@ def _assert_cells_agree(per_edge, fused, s0, s1, w):
             _assert_close(grads[id(variable)], g_ref, 1e-4, f"gradient of {variable.path}")
     # Moving statistics after the training call. The fused cell keeps one batch norm for
     # the pools of all edges leaving a state: those of the per-edge cell must stay equal.
-    for variable, value in fused.per_edge_values(per_edge):
+    for variable, value in fused_weights.per_edge_values(fused, per_edge):
         if not variable.trainable:
             _assert_close(variable.numpy(), value, 1e-5, f"{variable.path}", floor=1.0)
     for i, name in enumerate(per_edge.op_names):
@@ -188,11 +189,11 @@ def test_copying_pools_with_diverged_statistics_is_an_error():
     per_edge, fused, _ = _cell_pair(False, False, OP_SUBSETS["parameter_free"], steps=2)
     bn = per_edge.edges[-1].ops[0].chain[1]  # max pool of node 1's edge from state 2
     bn.moving_mean.assign(bn.moving_mean + 1.0)
-    fused.copy_weights_from(per_edge)  # state 2 feeds one edge only: nothing to disagree
+    fused_weights.copy_weights(per_edge, fused)  # state 2 feeds one edge only: nothing to disagree
     bn = per_edge.edges[0].ops[0].chain[1]  # max pool of node 0's edge from state 0
     bn.moving_mean.assign(bn.moving_mean + 1.0)
     with pytest.raises(ValueError, match=r"different statistics.*one batch norm for a pool"):
-        fused.copy_weights_from(per_edge)
+        fused_weights.copy_weights(per_edge, fused)
 
 
 @pytest.mark.parametrize("partial_channels, channels", [(1, 4), (4, 8)])
@@ -319,10 +320,10 @@ def test_config_round_trip_and_construction_errors(partial_channels):
     per_edge = SearchCell(4, op_names=("none", "skip_connect"))
     fused = FusedSearchCell(4, op_names=("none", "max_pool_3x3"))
     with pytest.raises(ValueError, match=r"op_names: \['none', 'skip_connect'\] vs"):
-        fused.copy_weights_from(per_edge)
+        fused_weights.copy_weights(per_edge, fused)
     fused = FusedSearchCell(4, op_names=("none", "skip_connect"), partial_channels=2)
     with pytest.raises(ValueError, match=r"partial_channels: 1 vs 2"):
-        fused.copy_weights_from(per_edge)
+        fused_weights.copy_weights(per_edge, fused)
 
 
 @pytest.fixture
@@ -393,7 +394,7 @@ def _copy_network(per_edge, fused):
     for a, b in [*zip(per_edge.stem, fused.stem), (per_edge.classifier, fused.classifier)]:
         b.set_weights(a.get_weights())
     for a, b in zip(per_edge.cells, fused.cells):
-        b.copy_weights_from(a)
+        fused_weights.copy_weights(a, b)
     for a, b in zip(keras_das.arch_variables(per_edge), keras_das.arch_variables(fused)):
         b.assign(a)  # alphas, and betas with edge normalisation
 
@@ -527,7 +528,7 @@ def test_fused_batch_norm_second_derivatives():
     rng = np.random.default_rng(3)
     x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
     scale = rng.normal(size=(6,))
-    bn = fused_cell.FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
+    bn = FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
     bn.build(x.shape)
 
     def fused(x, scale):

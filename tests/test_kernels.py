@@ -82,7 +82,7 @@ def test_probe_runs_in_a_fresh_process_on_either_kernel_path(onednn):
     """The probe answers (never raises) with oneDNN off and on; with it on, TensorFlow's
     grouped kernel is differentiable on x86 CPUs."""
     code = (
-        "from keras_das import kernels\n"
+        "from keras_das.space import kernels\n"
         "import tensorflow as tf\n"
         "ok = kernels.grouped_conv_gradient_supported()\n"
         "@tf.function\n"

@@ -16,10 +16,12 @@ from keras.src.saving import saving_lib
 import keras_das
 from keras_das.discrete import discrete_network
 from keras_das.engine import search_model
+from keras_das.space import fused_batch_norm
 from keras_das.space import fused_cell
 from keras_das.space import mixed_op
 from keras_das.space import primitives
 from keras_das.space import search_network
+from keras_das.space import stacked_ops
 from tests.testing import random_inputs
 
 OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -52,18 +54,18 @@ LAYERS = {
     "FactorizedReduce": _single(lambda: primitives.FactorizedReduce(6)),
     "MixedOp": _single(lambda: mixed_op.MixedOp(list(OPS), channels=4, seed=0)),
     # The fused cell's parts.
-    "FusedBatchNorm": _single(fused_cell.FusedBatchNorm),
-    "PoolBatchNorm": _single(lambda: fused_cell.PoolBatchNorm("max", 1)),
+    "FusedBatchNorm": _single(fused_batch_norm.FusedBatchNorm),
+    "SharedPoolBN": _single(lambda: stacked_ops.SharedPoolBN("max", 1)),
     "StackedSepConv": _single(
-        lambda: fused_cell.StackedSepConv(4, 2), inputs=np.concatenate([X, X], -1)
+        lambda: stacked_ops.StackedSepConv(4, 2), inputs=np.concatenate([X, X], -1)
     ),
     "StackedDilConv": _single(
-        lambda: fused_cell.StackedDilConv(4, 2), inputs=np.concatenate([X, X], -1)
+        lambda: stacked_ops.StackedDilConv(4, 2), inputs=np.concatenate([X, X], -1)
     ),
-    "StackedConv": _single(lambda: fused_cell.StackedConv(4, 2)),
-    "StackedReLUConvBN": _single(lambda: fused_cell.StackedReLUConvBN(4, 1, kernel_size=1)),
-    "StackedFactorizedReduce": _single(lambda: fused_cell.StackedFactorizedReduce(4, 2)),
-    "StackedFactorizedReduceBlock": _single(lambda: fused_cell.StackedFactorizedReduceBlock(4, 1)),
+    "StackedConv": _single(lambda: stacked_ops.StackedConv(4, 2)),
+    "StackedReLUConvBN": _single(lambda: stacked_ops.StackedReLUConvBN(4, 1, kernel_size=1)),
+    "StackedFactorizedReduce": _single(lambda: stacked_ops.StackedFactorizedReduce(4, 2)),
+    "StackedFactorizedReduceBlock": _single(lambda: stacked_ops.StackedFactorizedReduceBlock(4, 1)),
     "FusedMixedOps": (
         lambda: fused_cell.FusedMixedOps(OPS, 4, 2),
         lambda layer: layer(X, WEIGHTS_2, training=False),
@@ -156,3 +158,51 @@ def test_output_shape_follows_the_argument(name):
         actual = layer(x, training=False).shape
     assert after == (None, *actual[1:])
     assert before in (None, after)
+
+
+MIXED = "mixed_bfloat16"
+
+
+_SEARCH = dict(num_classes=3, channels=4, num_cells=3, steps=2, multiplier=2, seed=0)
+# Both search-cell implementations and a discrete network, given dtype=MIXED.
+_MIXED_NETWORKS = {
+    "fused": lambda: keras_das.SearchNetwork(**_SEARCH, dtype=MIXED),
+    "per_edge": lambda: keras_das.SearchNetwork(
+        **_SEARCH, cell_implementation="per_edge", dtype=MIXED
+    ),
+    "discrete": lambda: keras_das.DiscreteNetwork(
+        keras_das.DARTS_V2, num_classes=3, channels=4, num_cells=3, auxiliary=True, dtype=MIXED
+    ),
+}
+
+
+def _assert_every_layer_on_the_mixed_policy(net):
+    net(IMAGES, training=True)  # built: the composite ops' chains exist
+    off = [
+        (layer.path, layer.dtype_policy.name)
+        for layer in net._flatten_layers(include_self=True, recursive=True)
+        if layer.dtype_policy.name != MIXED
+    ]
+    assert not off, off
+    logits = net(IMAGES, training=False)
+    assert logits.dtype == "bfloat16"
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))))
+
+
+@pytest.mark.parametrize("name", ["fused", "per_edge", "discrete"])
+def test_sublayers_follow_the_network_dtype_policy(name):
+    """A network made with ``dtype="mixed_bfloat16"`` puts every sublayer on that policy
+    (Keras 3 passes a layer's policy to the sublayers it makes) and runs forward."""
+    _assert_every_layer_on_the_mixed_policy(_MIXED_NETWORKS[name]())
+
+
+def test_sublayers_follow_the_global_dtype_policy():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(MIXED)
+    try:
+        net = keras_das.SearchNetwork(**_SEARCH)
+        _assert_every_layer_on_the_mixed_policy(net)
+        alphas = keras_das.arch_variables(net)
+        assert alphas and all(v.dtype == "float32" for v in alphas)
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -49,6 +49,20 @@ def test_register_custom_op_and_refuse_silent_overwrite():
         del primitives.OPS[name]
 
 
+def test_builtin_ops_are_told_from_re_registered_ones():
+    """The fused cell fuses a name only while the registry holds the package's factory."""
+    assert primitives.is_builtin_op("sep_conv_3x3")
+    assert not primitives.is_builtin_op("no_such_op")
+    shipped = primitives.OPS["sep_conv_3x3"]
+    same_op = lambda c, s, affine: primitives.SepConv(c, 3, strides=s, affine=affine)  # noqa: E731
+    primitives.register_op("sep_conv_3x3", same_op, overwrite=True)
+    try:
+        assert not primitives.is_builtin_op("sep_conv_3x3")  # whatever the factory builds
+    finally:
+        primitives.OPS["sep_conv_3x3"] = shipped
+    assert primitives.is_builtin_op("sep_conv_3x3")
+
+
 def _copy_weights(src, dst):
     for s, d in zip(src.weights, dst.weights):
         assert s.shape == d.shape

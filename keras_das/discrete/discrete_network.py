@@ -12,6 +12,7 @@ from keras_das.space import primitives
 from keras_das.space import topology
 from keras_das.space.search_network import preprocess
 from keras_das.space.search_network import reduction_layers
+from keras_das.space.search_network import stem
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -67,13 +68,14 @@ class Cell(layers.Layer):
         self.reduction_prev = reduction_prev
         self.inputs_per_node = inputs_per_node
         self.seed = seed
-        self.preprocess0 = preprocess(channels, reduction_prev, affine=True)
-        self.preprocess1 = preprocess(channels, False, affine=True)
+        dtype = self.dtype_policy
+        self.preprocess0 = preprocess(channels, reduction_prev, affine=True, dtype=dtype)
+        self.preprocess1 = preprocess(channels, False, affine=True, dtype=dtype)
         self.edge_ops = [
-            primitives.make_op(op, channels, 2 if reduction and index < 2 else 1, affine=True)
+            primitives.make_op(op, channels, 2 if reduction and index < 2 else 1, True, dtype)
             for op, index in self.gene
         ]
-        self.drop_path = DropPath(seed=seed)
+        self.drop_path = DropPath(seed=seed, dtype=dtype)
 
     @property
     def steps(self):
@@ -132,10 +134,11 @@ class AuxiliaryHead(layers.Layer):
     def __init__(self, num_classes, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
-        self.conv1 = layers.Conv2D(128, 1, use_bias=False)
-        self.bn1 = primitives.batch_norm(affine=True)
-        self.bn2 = primitives.batch_norm(affine=True)
-        self.classifier = layers.Dense(num_classes)
+        dtype = self.dtype_policy
+        self.conv1 = layers.Conv2D(128, 1, use_bias=False, dtype=dtype)
+        self.bn1 = primitives.batch_norm(affine=True, dtype=dtype)
+        self.bn2 = primitives.batch_norm(affine=True, dtype=dtype)
+        self.classifier = layers.Dense(num_classes, dtype=dtype)
 
     def build(self, input_shape):
         size = (
@@ -144,7 +147,7 @@ class AuxiliaryHead(layers.Layer):
             else 1
         )
         kernel = max(1, min(2, size))
-        self.conv2 = layers.Conv2D(768, kernel, use_bias=False)
+        self.conv2 = layers.Conv2D(768, kernel, use_bias=False, dtype=self.dtype_policy)
         pooled = (input_shape[0], size, size, input_shape[-1])
         self.conv1.build(pooled)
         self.bn1.build(pooled[:-1] + (128,))
@@ -216,10 +219,8 @@ class DiscreteNetwork(keras.Model):
         self.auxiliary_weight = auxiliary_weight
         self.stem_multiplier = stem_multiplier
         self.seed = seed
-        self.stem = [
-            layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
-            primitives.batch_norm(affine=True),
-        ]
+        dtype = self.dtype_policy
+        self.stem = stem(stem_multiplier * channels, dtype)
         reductions = reduction_layers(num_cells)
         self.auxiliary_after = reductions[-1]
         self.cells = []
@@ -244,12 +245,13 @@ class DiscreteNetwork(keras.Model):
                     genotype.inputs_per_node,
                     seed=None if seed is None else seed + i,
                     name=f"cell_{i}",
+                    dtype=dtype,
                 )
             )
             reduction_prev = reduction
-        self.auxiliary_head = AuxiliaryHead(num_classes) if auxiliary else None
-        self.global_pool = layers.GlobalAveragePooling2D()
-        self.classifier = layers.Dense(num_classes)
+        self.auxiliary_head = AuxiliaryHead(num_classes, dtype=dtype) if auxiliary else None
+        self.global_pool = layers.GlobalAveragePooling2D(dtype=dtype)
+        self.classifier = layers.Dense(num_classes, dtype=dtype)
 
     def build(self, input_shape):
         shape = tuple(input_shape)

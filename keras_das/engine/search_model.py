@@ -132,7 +132,7 @@ class SearchModel(keras.Model):
             freezable_arch: compile the step so that ``arch_enabled`` (a variable) can freeze
                 the alphas, as warm-up epochs do (``keras_das.engine.remedies.ArchWarmup``).
             jit_compile: compile steps with XLA (off by default: on CPU it made the DARTS
-                weight step 6.4x slower).
+                weight step several times slower, see ``benchmarks/README.md``).
             steps_per_execution: steps per compiled call.
         """
         if not self.supernet.built:

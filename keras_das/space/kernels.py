@@ -97,8 +97,9 @@ def grouped_pointwise(x, kernel):
     grouped kernel; elsewhere a matmul with the block-diagonal ``[G * C, G * D]`` kernel
     (G times the FLOPs of the grouped kernel, but one well-tuned op: forward + backward of a
     depthwise then grouped 1x1 convolution, G=4, timed against per-group convolutions and a
-    batched matmul over the group axis, was fastest or within 4% of the fastest at
-    C = 8 .. 64). Both give the same numbers to float32 rounding.
+    batched matmul over the group axis, was the fastest or as fast within noise at
+    C = 8 .. 64; see ``benchmarks/README.md``). Both give the same numbers to float32
+    rounding.
     """
     c, gd = kernel.shape[-2], kernel.shape[-1]
     groups = x.shape[-1] // c

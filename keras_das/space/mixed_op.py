@@ -105,9 +105,11 @@ class MixedOp(layers.Layer):
     # -- construction -------------------------------------------------------------------
 
     def _named_op(self, name, width):
-        op = primitives.make_op(name, width, self.strides, self.affine)
+        # Named ops on this layer's dtype policy; candidates passed as layers keep theirs.
+        dtype = self.dtype_policy
+        op = primitives.make_op(name, width, self.strides, self.affine, dtype=dtype)
         if self.pool_batch_norm and isinstance(op, primitives.Pool):
-            op = primitives.PoolBN(op.pool_type, strides=self.strides)
+            op = primitives.PoolBN(op.pool_type, strides=self.strides, dtype=dtype)
         return op
 
     def build(self, input_shape):
@@ -145,18 +147,7 @@ class MixedOp(layers.Layer):
                 "channel adapters fix widths only"
             )
         self.output_channels = channels or max(s[-1] for _, s in known)
-        self.adapters = []
-        for i in range(len(self.candidates)):
-            if ops[i] is None:
-                ops[i] = primitives.Zero(self.output_channels, strides=self.strides)
-                shapes[i] = tuple(ops[i].compute_output_shape(input_shape))
-                ops[i].build(input_shape)
-            adapter = None
-            if shapes[i][-1] != self.output_channels:
-                adapter = _channel_adapter(self.output_channels, len(shapes[i]))
-                adapter.build(shapes[i])
-            self.adapters.append(adapter)
-        self.ops = ops
+        self.ops, self.adapters = self._complete(ops, shapes, input_shape)
         if self.owns_alpha:
             size = relaxations.alpha_size(self.relaxation, len(self.candidates))
             initializer = self.alpha_initializer
@@ -170,7 +161,25 @@ class MixedOp(layers.Layer):
                 shape=(),
                 initializer=keras.initializers.Constant(self.initial_temperature),
                 trainable=False,
+                autocast=False,  # float32 beside the alphas (see add_arch_weight)
             )
+
+    def _complete(self, ops, shapes, input_shape):
+        """Zeros for the ``none`` candidates (``ops[i]`` None), and the channel adapters of
+        the narrower outputs (None where an output has the common width)."""
+        dtype = self.dtype_policy
+        adapters = []
+        for i in range(len(self.candidates)):
+            if ops[i] is None:
+                ops[i] = primitives.Zero(self.output_channels, self.strides, dtype=dtype)
+                shapes[i] = tuple(ops[i].compute_output_shape(input_shape))
+                ops[i].build(input_shape)
+            adapter = None
+            if shapes[i][-1] != self.output_channels:
+                adapter = _channel_adapter(self.output_channels, len(shapes[i]), dtype)
+                adapter.build(shapes[i])
+            adapters.append(adapter)
+        return ops, adapters
 
     def compute_output_shape(self, input_shape):
         """The candidates' common output shape for ``input_shape`` (from the first built
@@ -309,8 +318,8 @@ def partial_channel_mix(inputs, k: int, strides: int, mix):
     return channel_shuffle(keras.ops.concatenate([mixed, rest], axis=-1), k)
 
 
-def _channel_adapter(width: int, rank: int) -> layers.Layer:
+def _channel_adapter(width: int, rank: int, dtype) -> layers.Layer:
     """A learnable 1x1 projection to ``width`` channels (Dense on the last axis off images)."""
     if rank == 4:
-        return layers.Conv2D(width, 1, use_bias=False, name=None)
-    return layers.Dense(width, use_bias=False)
+        return layers.Conv2D(width, 1, use_bias=False, dtype=dtype)
+    return layers.Dense(width, use_bias=False, dtype=dtype)

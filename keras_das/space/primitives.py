@@ -45,10 +45,15 @@ PARAMETER_FREE_OPS = frozenset({"none", "max_pool_3x3", "avg_pool_3x3", "skip_co
 OpFactory = Callable[[int, int, bool], keras.layers.Layer]
 
 
-def batch_norm(affine: bool, name: str | None = None) -> layers.BatchNormalization:
+def batch_norm(affine: bool, name: str | None = None, dtype=None) -> layers.BatchNormalization:
     """The reference's BatchNorm2d: momentum 0.1 (PyTorch convention), eps 1e-5."""
     return layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine, name=name
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        center=affine,
+        scale=affine,
+        name=name,
+        dtype=dtype,
     )
 
 
@@ -57,8 +62,8 @@ _statistics = threading.local()
 
 @contextlib.contextmanager
 def discarding_batch_norm_statistics():
-    """Within this context, batch norms that can (``keras_das.space.fused_cell``'s) build no
-    moving-statistic updates.
+    """Within this context, batch norms that can (``keras_das.space.fused_batch_norm``'s)
+    build no moving-statistic updates.
 
     For model calls in a ``keras.StatelessScope`` whose updates are thrown away (the
     architect's losses at other weights): the updates would be dead graph ops, which
@@ -96,8 +101,8 @@ def _check_strides(strides: int) -> None:
         raise ValueError(f"strides must be 1 or 2, got {strides!r}")
 
 
-def _symmetric_pad(size: int) -> layers.Layer:
-    return layers.ZeroPadding2D(((size, size), (size, size)))
+def _symmetric_pad(size: int, dtype) -> layers.Layer:
+    return layers.ZeroPadding2D(((size, size), (size, size)), dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -105,7 +110,8 @@ class OpChain(layers.Layer):
     """A fixed chain of sublayers, made and built one after another in ``build``.
 
     The base class of the composite ops: a subclass makes its chain in ``_make_layers``
-    from its constructor arguments (which are also its config) and the input width.
+    from its constructor arguments (which are also its config) and the input width, each
+    sublayer on the chain's dtype policy.
     """
 
     def _make_layers(self, input_channels: int) -> list[layers.Layer]:
@@ -146,9 +152,10 @@ class ReLUConvBN(OpChain):
 
     def _make_layers(self, input_channels):
         pad = self.kernel_size // 2
-        chain = [layers.ReLU()]
+        dtype = self.dtype_policy
+        chain = [layers.ReLU(dtype=dtype)]
         if self.strides > 1 and pad:
-            chain.append(_symmetric_pad(pad))
+            chain.append(_symmetric_pad(pad, dtype))
         chain += [
             layers.Conv2D(
                 self.channels,
@@ -156,8 +163,9 @@ class ReLUConvBN(OpChain):
                 strides=self.strides,
                 padding="same" if self.strides == 1 else "valid",
                 use_bias=False,
+                dtype=dtype,
             ),
-            batch_norm(self.affine),
+            batch_norm(self.affine, dtype=dtype),
         ]
         return chain
 
@@ -193,18 +201,23 @@ class DilConv(OpChain):
         self.affine = affine
 
     def _make_layers(self, input_channels):
-        chain = [layers.ReLU()]
+        dtype = self.dtype_policy
+        chain = [layers.ReLU(dtype=dtype)]
         if self.strides == 2:
-            chain.append(EvenPixels())
+            chain.append(EvenPixels(dtype=dtype))
             dilation = 1
         else:
             dilation = self.dilation_rate
         chain += [
             layers.DepthwiseConv2D(
-                self.kernel_size, padding="same", dilation_rate=dilation, use_bias=False
+                self.kernel_size,
+                padding="same",
+                dilation_rate=dilation,
+                use_bias=False,
+                dtype=dtype,
             ),
-            layers.Conv2D(self.channels, 1, use_bias=False),
-            batch_norm(self.affine),
+            layers.Conv2D(self.channels, 1, use_bias=False, dtype=dtype),
+            batch_norm(self.affine, dtype=dtype),
         ]
         return chain
 
@@ -233,22 +246,25 @@ class SepConv(OpChain):
 
     def _make_layers(self, input_channels):
         k = self.kernel_size
-        chain = [layers.ReLU()]
+        dtype = self.dtype_policy
+        chain = [layers.ReLU(dtype=dtype)]
         if self.strides == 2:
-            chain.append(_symmetric_pad(k // 2))
+            chain.append(_symmetric_pad(k // 2, dtype))
         chain += [
             layers.DepthwiseConv2D(
                 k,
                 strides=self.strides,
                 padding="same" if self.strides == 1 else "valid",
                 use_bias=False,
+                dtype=dtype,
             ),
-            layers.Conv2D(input_channels, 1, use_bias=False),  # keeps C_in, as the reference
-            batch_norm(self.affine),
-            layers.ReLU(),
-            layers.DepthwiseConv2D(k, padding="same", use_bias=False),
-            layers.Conv2D(self.channels, 1, use_bias=False),
-            batch_norm(self.affine),
+            # keeps C_in, as the reference
+            layers.Conv2D(input_channels, 1, use_bias=False, dtype=dtype),
+            batch_norm(self.affine, dtype=dtype),
+            layers.ReLU(dtype=dtype),
+            layers.DepthwiseConv2D(k, padding="same", use_bias=False, dtype=dtype),
+            layers.Conv2D(self.channels, 1, use_bias=False, dtype=dtype),
+            batch_norm(self.affine, dtype=dtype),
         ]
         return chain
 
@@ -290,9 +306,10 @@ class FactorizedReduce(layers.Layer):
             raise ValueError(f"FactorizedReduce needs an even number of channels, got {channels}")
         self.channels = channels
         self.affine = affine
-        self.conv_1 = layers.Conv2D(channels // 2, 1, use_bias=False)
-        self.conv_2 = layers.Conv2D(channels // 2, 1, use_bias=False)
-        self.bn = batch_norm(affine)
+        dtype = self.dtype_policy
+        self.conv_1 = layers.Conv2D(channels // 2, 1, use_bias=False, dtype=dtype)
+        self.conv_2 = layers.Conv2D(channels // 2, 1, use_bias=False, dtype=dtype)
+        self.bn = batch_norm(affine, dtype=dtype)
 
     def build(self, input_shape):
         half = strided_shape(input_shape, 2, input_shape[-1])
@@ -373,7 +390,9 @@ class PoolBN(OpChain):
         self.affine = affine
 
     def _make_layers(self, input_channels):
-        return [Pool(self.pool_type, 3, self.strides), batch_norm(self.affine)]
+        dtype = self.dtype_policy
+        pool = Pool(self.pool_type, 3, self.strides, dtype=dtype)
+        return [pool, batch_norm(self.affine, dtype=dtype)]
 
     def get_config(self):
         return {
@@ -451,6 +470,18 @@ OPS: dict[str, OpFactory] = {
     "factorized_reduce": lambda c, s, affine: FactorizedReduce(c, affine=affine),
 }
 
+# The factories the package ships, kept apart from OPS, which users may change.
+_BUILTIN_OPS = dict(OPS)
+
+
+def is_builtin_op(name: str) -> bool:
+    """Whether ``OPS[name]`` is the factory the package ships under ``name``.
+
+    False for a user-registered name and for a built-in name re-registered with
+    ``overwrite=True`` (whatever the new factory builds).
+    """
+    return name in OPS and OPS[name] is _BUILTIN_OPS.get(name)
+
 
 def register_op(name: str, factory: OpFactory, overwrite: bool = False) -> None:
     """Adds a candidate op under ``name``.
@@ -483,8 +514,18 @@ def check_op_names(names, valid=None) -> tuple[str, ...]:
     return names
 
 
-def make_op(name: str, channels: int, strides: int = 1, affine: bool = True) -> layers.Layer:
-    """Builds the registered op ``name``."""
+def make_op(
+    name: str, channels: int, strides: int = 1, affine: bool = True, dtype=None
+) -> layers.Layer:
+    """Builds the registered op ``name``, on the dtype policy ``dtype`` if given.
+
+    Factories take no dtype, so the policy is set on the op and on every sublayer it has
+    made by then (composite ops make the rest in ``build``, on the op's policy).
+    """
     check_op_names([name])
     _check_strides(strides)
-    return OPS[name](channels, strides, affine)
+    op = OPS[name](channels, strides, affine)
+    if dtype is not None:
+        for layer in op._flatten_layers(include_self=True, recursive=True):
+            layer.dtype_policy = dtype
+    return op

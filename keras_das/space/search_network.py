@@ -24,11 +24,19 @@ def reduction_layers(num_cells: int) -> tuple[int, ...]:
     return tuple(sorted({num_cells // 3, 2 * num_cells // 3}))
 
 
-def preprocess(channels: int, reduction_prev: bool, affine: bool) -> layers.Layer:
+def preprocess(channels: int, reduction_prev: bool, affine: bool, dtype=None) -> layers.Layer:
     """How a cell reads the output of the cell two back and of the cell before."""
     if reduction_prev:
-        return primitives.FactorizedReduce(channels, affine=affine)
-    return primitives.ReLUConvBN(channels, 1, affine=affine)
+        return primitives.FactorizedReduce(channels, affine=affine, dtype=dtype)
+    return primitives.ReLUConvBN(channels, 1, affine=affine, dtype=dtype)
+
+
+def stem(channels: int, dtype=None) -> list[layers.Layer]:
+    """The first layers of a network: 3x3 convolution to ``channels``, batch norm."""
+    return [
+        layers.Conv2D(channels, 3, padding="same", use_bias=False, dtype=dtype),
+        primitives.batch_norm(affine=True, dtype=dtype),
+    ]
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -65,8 +73,9 @@ class SearchCell(layers.Layer):
         self.op_names = primitives.check_op_names(op_names)
         self.steps = steps
         self.multiplier = multiplier
-        self.preprocess0 = preprocess(channels, reduction_prev, affine=False)
-        self.preprocess1 = preprocess(channels, False, affine=False)
+        dtype = self.dtype_policy
+        self.preprocess0 = preprocess(channels, reduction_prev, affine=False, dtype=dtype)
+        self.preprocess1 = preprocess(channels, False, affine=False, dtype=dtype)
         self.edges = []
         for node in range(steps):
             for j in range(2 + node):
@@ -80,6 +89,7 @@ class SearchCell(layers.Layer):
                         owns_alpha=False,
                         partial_channels=partial_channels,
                         name=f"edge_{node}_{j}",
+                        dtype=dtype,
                     )
                 )
 
@@ -224,36 +234,38 @@ class SearchNetwork(keras.Model):
             keras.random.SeedGenerator(seed) if relaxation.startswith("gumbel") else None
         )
         self.cell_implementation = _resolve_cell_implementation(cell_implementation, self.op_names)
+        dtype = self.dtype_policy
+        self.stem = stem(stem_multiplier * channels, dtype)
+        self.cells = self._make_cells()
+        self.global_pool = layers.GlobalAveragePooling2D(dtype=dtype)
+        self.classifier = layers.Dense(num_classes, dtype=dtype)
+
+    def _make_cells(self) -> list[layers.Layer]:
         cell_class = SearchCell
         if self.cell_implementation == "fused":
             cell_class = fused_cell.FusedSearchCell
-
-        self.stem = [
-            layers.Conv2D(stem_multiplier * channels, 3, padding="same", use_bias=False),
-            primitives.batch_norm(affine=True),
-        ]
-        self.cells = []
-        c_curr = channels
+        cells = []
+        c_curr = self.channels
         reduction_prev = False
-        for i in range(num_cells):
-            reduction = i in reduction_layers(num_cells)
+        for i in range(self.num_cells):
+            reduction = i in reduction_layers(self.num_cells)
             if reduction:
                 c_curr *= 2
-            self.cells.append(
+            cells.append(
                 cell_class(
                     c_curr,
                     reduction,
                     reduction_prev,
                     self.op_names,
-                    steps,
-                    multiplier,
-                    partial_channels=partial_channels,
+                    self.steps,
+                    self.multiplier,
+                    partial_channels=self.partial_channels,
                     name=f"cell_{i}",
+                    dtype=self.dtype_policy,
                 )
             )
             reduction_prev = reduction
-        self.global_pool = layers.GlobalAveragePooling2D()
-        self.classifier = layers.Dense(num_classes)
+        return cells
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -280,6 +292,7 @@ class SearchNetwork(keras.Model):
             shape=(),
             initializer=keras.initializers.Constant(self.initial_temperature),
             trainable=False,
+            autocast=False,  # float32 beside the alphas (see add_arch_weight)
         )
         if self.edge_normalization:  # PC-DARTS: one beta per edge, softmax per node
             self.beta_normal = variables.add_arch_weight(self, "beta_normal", (edges,), seed=seed)

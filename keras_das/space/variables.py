@@ -16,10 +16,17 @@ ALPHA_STDDEV = 1e-3
 
 
 def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=None, seed=None):
-    """Creates a trainable architecture parameter on ``layer`` (call it from ``build``)."""
+    """Creates a trainable architecture parameter on ``layer`` (call it from ``build``).
+
+    It reads as float32 under a mixed dtype policy too (``autocast=False``): the
+    relaxation's softmax over a few close logits needs float32, and the layers that mix
+    cast the resulting weights to their compute dtype.
+    """
     if initializer is None:
         initializer = keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed)
-    variable = layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True)
+    variable = layer.add_weight(
+        name=name, shape=shape, initializer=initializer, trainable=True, autocast=False
+    )
     setattr(variable, _ARCH_TAG, True)
     return variable
 
