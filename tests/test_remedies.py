@@ -7,7 +7,7 @@ import keras_das
 from keras_das import MixedOp
 from keras_das.engine import remedies
 from keras_das.space import latency
-from keras_das.space import variables
+from keras_das.space import relaxations
 
 
 def _sigmoid_model():
@@ -174,4 +174,4 @@ def test_search_network_tables_cover_every_cell():
     np.testing.assert_allclose(
         tables[f"{net.name}/reduce"][:, 1], [8000 + 20 + 4 + 4000 + 20 + 8] * 2
     )
-    assert set(tables) == set(variables.mixing_weights(net))
+    assert set(tables) == set(relaxations.model_mixing_weights(net))

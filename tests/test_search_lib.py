@@ -219,9 +219,10 @@ config_flag = config_flags.DEFINE_config_file("config", lock_config=True)
 flags.FLAGS(sys.argv[:1] + sys.argv[2:])
 config = config_flag.value
 determinism.set_seeds(config.seed, config.deterministic)
-info = data.get_info(config.data)
-train, val, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
-search = search_lib.build_search_model(config, info, steps, search_lib.validate_config(config))
+search_data = data.SearchData(config.data, config.seed)
+plan = search_lib.validate_config(config)
+search = search_lib.build_search_model(config, search_data.info, search_data.steps_per_epoch, plan)
+train, val = search_data.streams()
 batches = next(iter(train)), next(iter(val))
 arch_gradients = tf.function(lambda: search.architect(*batches)[0])
 digests = set()
@@ -271,20 +272,19 @@ def test_deterministic_searches_in_two_processes_end_bit_identical(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = data.search_datasets
+    real = data.SearchData.streams
 
-    def poisoned(*args, **kwargs):
-        train, val, info, steps = real(*args, **kwargs)
-        start = kwargs.get("initial_epoch", args[3] if len(args) > 3 else 0)
-        bad_step = (1 - start) * steps + 2  # epoch 2 (index 1), step 3
+    def poisoned(self, initial_epoch=0, epochs=None, seed=None):
+        train, val = real(self, initial_epoch, epochs, seed)
+        bad_step = (1 - initial_epoch) * self.steps_per_epoch + 2  # epoch 2 (index 1), step 3
 
         def poison(i, batch):
             x, y = batch
             return tf.where(i >= bad_step, x * np.nan, x), y
 
-        return train.enumerate().map(poison), val, info, steps
+        return train.enumerate().map(poison), val
 
-    monkeypatch.setattr(data, "search_datasets", poisoned)
+    monkeypatch.setattr(data.SearchData, "streams", poisoned)
     workdir = str(tmp_path / "nan")
     with pytest.raises(
         FloatingPointError, match=r"became nan at epoch 2, step 3 \(global step \d+\).*ckpt-00001"

@@ -35,6 +35,7 @@ import numpy as np
 from keras import ops
 
 from keras_das.space import latency as latency_lib
+from keras_das.space import relaxations
 from keras_das.space import variables
 
 SCHEDULES = ("constant", "linear", "exponential")
@@ -44,7 +45,7 @@ SCHEDULES = ("constant", "linear", "exponential")
 
 
 def _all_weights(supernet):
-    return list(variables.mixing_weights(supernet, training=False).values())
+    return list(relaxations.model_mixing_weights(supernet, training=False).values())
 
 
 def l1_penalty(weight: float):
@@ -81,14 +82,14 @@ def latency_penalty(weight: float, tables: dict):
     Args:
         weight: lambda, per millisecond.
         tables: ``{owner_key: [num_edges, num_ops] milliseconds}`` with keys as
-            ``keras_das.space.variables.mixing_weights`` names them (``"search_network/normal"``);
+            ``keras_das.space.relaxations.model_mixing_weights`` names them (``"search_network/normal"``);
             for a DARTS network, each cell type's table sums its cells' edges
             (``keras_das.space.latency.search_network_tables``).
     """
     constants = {k: np.asarray(v, dtype=np.float32) for k, v in tables.items()}
 
     def penalty(supernet):
-        weights = variables.mixing_weights(supernet, training=False)
+        weights = relaxations.model_mixing_weights(supernet, training=False)
         missing = sorted(set(constants) - set(weights))
         if missing:
             raise ValueError(f"latency tables for {missing}, but the model has {sorted(weights)}")
@@ -215,7 +216,7 @@ class EarlyStopSearch(keras.callbacks.Callback):
                 )
                 return
         if self.stable_epochs:
-            weights = variables.mixing_weights(supernet)
+            weights = relaxations.model_mixing_weights(supernet)
             ranking = tuple(
                 tuple(np.argsort(-keras.ops.convert_to_numpy(w), axis=-1).ravel())
                 for w in weights.values()

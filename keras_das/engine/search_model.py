@@ -284,7 +284,7 @@ class SearchModel(keras.Model):
 
     def mixing_entropy(self):
         """Mean entropy of the current mixing weights over all owners of alphas."""
-        weights = list(variables.mixing_weights(self.supernet).values())
+        weights = list(relaxations.model_mixing_weights(self.supernet).values())
         return tf.add_n([relaxations.entropy(w) for w in weights]) / len(weights)
 
     def get_config(self):

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from keras_das import io_utils
 from keras_das.runs import plot
+from keras_das.space import relaxations
 from keras_das.space import topology
-from keras_das.space import variables
 
 
 class MixingWeightsHistory(keras.callbacks.Callback):
@@ -48,7 +48,7 @@ class MixingWeightsHistory(keras.callbacks.Callback):
         # Drop records of epochs being re-run after a resume.
         keep = [i for i, e in enumerate(self.epochs) if e < epoch]
         self.epochs = [self.epochs[i] for i in keep] + [epoch]
-        for name, w in variables.mixing_weights(self.supernet).items():
+        for name, w in relaxations.model_mixing_weights(self.supernet).items():
             past = self.weights.get(name, [])
             self.weights[name] = [past[i] for i in keep if i < len(past)] + [
                 keras.ops.convert_to_numpy(w)

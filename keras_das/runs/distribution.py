@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 import tensorflow as tf
 
-from keras_das.runs import experiment
+from keras_das.runs import config_fields
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
 
@@ -23,7 +23,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
     Returns:
         A ConfigDict with every field ``make_strategy`` reads.
     """
-    return experiment.config_section(
+    return config_fields.config_section(
         {
             "strategy": "none",  # none, mirrored, multi_worker, tpu
             "tpu_address": "",

@@ -1,6 +1,6 @@
-"""What every binary run shares: config checks, and an ``Experiment``: the strategy and
-seeds, the workdir with its resolved config, checkpoints to resume from, ``fit`` with a NaN
-stop and per-epoch checkpoints, and the summary file."""
+"""What every binary run shares, an ``Experiment``: the strategy and seeds, the workdir with
+its resolved config, checkpoints to resume from, ``fit`` with a NaN stop and per-epoch
+checkpoints, and the summary file."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
-from typing import Any
 
 import keras
-import ml_collections
 import tensorflow as tf
 
 from keras_das import io_utils
@@ -21,48 +18,6 @@ from keras_das.runs import callbacks as callbacks_lib
 from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import determinism
 from keras_das.runs import distribution
-
-
-def config_section(fields: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
-    """A config section with its defaults, e.g. ``data.default_config(batch_size=96)``.
-
-    Args:
-        fields: every field of the section with its default value.
-        **overrides: fields to change; a misspelt one is an error with a suggestion (the
-            section is locked while they are set), not a new field.
-
-    Returns:
-        The section, unlocked (a config file may add to it; the binaries lock it).
-    """
-    config = ml_collections.ConfigDict(fields)
-    config.lock()
-    for field, value in overrides.items():
-        setattr(config, field, value)
-    config.unlock()
-    return config
-
-
-def check_field(field: str, check: Callable, *args):
-    """Runs ``check(*args)``; a ValueError names the config field it is about."""
-    try:
-        return check(*args)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.{field}: {e}") from e
-
-
-def check_positive(config, *fields: str, integer: bool = True) -> None:
-    for field in fields:
-        value = config
-        for part in field.split("."):
-            value = value[part]
-        ok = (
-            (isinstance(value, int) and not isinstance(value, bool))
-            if integer
-            else isinstance(value, (int, float))
-        )
-        if not ok or not value > 0:
-            kind = "a positive int" if integer else "a positive number"
-            raise ValueError(f"config.{field} must be {kind}, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -34,13 +34,13 @@ from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.engine.search_model import SearchModel
 from keras_das.engine.search_model import pair_datasets
 from keras_das.runs import callbacks as callbacks_lib
+from keras_das.runs import config_fields
 from keras_das.runs import data
 from keras_das.runs import distribution
 from keras_das.runs import experiment
 from keras_das.runs import gap_report
 from keras_das.space import primitives
 from keras_das.space import relaxations
-from keras_das.space import variables
 from keras_das.space.genotype import Genotype
 from keras_das.space.search_network import SearchNetwork
 
@@ -48,22 +48,24 @@ from keras_das.space.search_network import SearchNetwork
 def validate_config(config) -> remedies_lib.RemedyPlan:
     """Raises a ValueError naming the field, the bad value and the valid choices; returns
     the plan of the remedies section (``keras_das.engine.remedies.plan`` checks it)."""
-    experiment.check_field("model.op_names", primitives.check_op_names, config.model.op_names)
+    config_fields.check_field("model.op_names", primitives.check_op_names, config.model.op_names)
     if len(config.model.op_names) < 2:
         raise ValueError(
             f"config.model.op_names needs at least 2 ops, got {config.model.op_names!r}"
         )
-    experiment.check_field(
+    config_fields.check_field(
         "model.relaxation",
         relaxations.check_relaxation,
         config.model.relaxation,
         len(config.model.op_names),
     )
-    experiment.check_field(
+    config_fields.check_field(
         "model.temperature", relaxations.check_temperature, config.model.temperature
     )
-    experiment.check_field("arch.architect", architect_lib.check_architect, config.arch.architect)
-    experiment.check_field(
+    config_fields.check_field(
+        "arch.architect", architect_lib.check_architect, config.arch.architect
+    )
+    config_fields.check_field(
         "distribution.strategy", distribution.check_strategy, config.distribution.strategy
     )
     _check_sizes(config)
@@ -71,7 +73,7 @@ def validate_config(config) -> remedies_lib.RemedyPlan:
 
 
 def _check_sizes(config) -> None:
-    experiment.check_positive(
+    config_fields.check_positive(
         config,
         "epochs",
         "data.batch_size",
@@ -83,7 +85,7 @@ def _check_sizes(config) -> None:
         "steps_per_execution",
         "checkpoint_every_epochs",
     )
-    experiment.check_positive(config, "optimizer.lr", "arch.lr", integer=False)
+    config_fields.check_positive(config, "optimizer.lr", "arch.lr", integer=False)
     if not (
         isinstance(config.arch.lr_reference_steps, int) and config.arch.lr_reference_steps >= 0
     ):
@@ -186,11 +188,10 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     """
     remedies = validate_config(config)
     exp = experiment.Experiment.start(config, workdir)
-    info = data.get_info(config.data)  # an unknown dataset fails here, before training
+    search_data = data.SearchData(config.data, config.seed)  # a bad dataset fails here
     exp.open_workdir()
     with exp.strategy.scope():
-        _, _, _, steps = data.search_datasets(config.data, config.data.batch_size, config.seed)
-        search = build_search_model(config, info, steps, remedies)
+        search = build_search_model(config, search_data.info, search_data.steps_per_epoch, remedies)
     initial_epoch = exp.restore(
         {
             "supernet": search.supernet,
@@ -201,16 +202,16 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     start = time.time()
     summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
     history = search_history(exp, initial_epoch)
-    summary.update(fit(exp, search, remedies, history, initial_epoch, verbose))
+    summary.update(fit(exp, search, search_data, remedies, history, initial_epoch, verbose))
     summary["wall_time_s"] = time.time() - start
     genotype = history.genotype or search.supernet.genotype()  # after the last epoch run here
     if remedies.perturbation_batches:
         summary["argmax_genotype"] = genotype.to_dict()
         selection_start = time.time()
-        genotype = select_by_perturbation(config, search.supernet, remedies.perturbation_batches)
+        genotype = select_by_perturbation(search_data, search.supernet, remedies)
         summary["perturbation_selection_s"] = time.time() - selection_start
     if remedies.gap_report_batches is not None and exp.chief:
-        summary["gap_report"] = write_gap_report(config, search, genotype, info, remedies, workdir)
+        summary["gap_report"] = write_gap_report(search, genotype, search_data, remedies, workdir)
     summary.update(decision(search, genotype, len(config.model.op_names)))
     logging.info("%s", describe(summary))
     if exp.chief:
@@ -232,17 +233,16 @@ def search_history(exp, initial_epoch: int) -> callbacks_lib.MixingWeightsHistor
     return callbacks_lib.MixingWeightsHistory(path if exp.chief else None, initial=previous)
 
 
-def fit(exp, search, remedies, history, initial_epoch: int, verbose) -> dict:
+def fit(exp, search, search_data, remedies, history, initial_epoch: int, verbose) -> dict:
     """Runs the search's epochs from ``initial_epoch``; returns the summary's entries
     (final metrics, and DARTS+'s early stop when it stopped the search)."""
     config, out = exp.config, {}
     # A search that stopped early (DARTS+) is finished: a rerun does not continue it.
     early_stop_path = os.path.join(exp.workdir, "early_stop.json")
     if initial_epoch < config.epochs and not os.path.exists(early_stop_path):
-        train, val, _, steps = data.search_datasets(
-            config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
-        )
+        train, val = search_data.streams(initial_epoch, config.epochs)
         paired, _ = pair_datasets(train, val)
+        steps = search_data.steps_per_epoch
         remedy_callbacks = remedies.callbacks(history)
         tensorboard = os.path.join(exp.workdir, "tensorboard")
         artifacts = callbacks_lib.SearchArtifacts(
@@ -283,7 +283,7 @@ def decision(search, genotype: Genotype, num_ops: int) -> dict:
         "alphas": {a.path: a.numpy().tolist() for a in search.arch_vars},
         "mixing_entropy": {
             name: float(relaxations.entropy(w))
-            for name, w in variables.mixing_weights(search.supernet).items()
+            for name, w in relaxations.model_mixing_weights(search.supernet).items()
         },
         "max_mixing_entropy": math.log(num_ops),
     }
@@ -303,19 +303,19 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def select_by_perturbation(config, net, num_batches: int) -> Genotype:
-    """DARTS-PT's selection (``keras_das.engine.selection``) on search-val batches."""
-    _, val, _, _ = data.search_datasets(config.data, config.data.batch_size, config.seed + 1)
-    batches = list(val.take(num_batches))
+def select_by_perturbation(search_data, net, remedies) -> Genotype:
+    """DARTS-PT's selection (``keras_das.engine.selection``) on search-val batches (drawn
+    with the next seed, as the gap report's)."""
+    _, val = search_data.streams(seed=search_data.seed + 1)
+    batches = list(val.take(remedies.perturbation_batches))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return selection.perturbation_genotype(net, batches, loss)
 
 
-def write_gap_report(config, search, genotype, info, remedies, workdir) -> dict:
+def write_gap_report(search, genotype, search_data, remedies, workdir) -> dict:
     """Writes ``gap_report.json``: supernet vs derived network, and the derived net's cost."""
-    train, val, _, steps = data.search_datasets(
-        config.data, config.data.batch_size, config.seed + 1
-    )
+    train, val = search_data.streams(seed=search_data.seed + 1)
+    steps, info = search_data.steps_per_epoch, search_data.info
     result = gap_report.report(
         search,
         genotype,

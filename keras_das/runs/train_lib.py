@@ -25,6 +25,7 @@ from keras_das.discrete import serving
 from keras_das.discrete.discrete_network import DiscreteNetwork
 from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.runs import callbacks as callbacks_lib
+from keras_das.runs import config_fields
 from keras_das.runs import data
 from keras_das.runs import distribution
 from keras_das.runs import experiment
@@ -46,10 +47,10 @@ def load_genotype(config) -> Genotype:
 
 def validate_config(config) -> Genotype:
     """Raises a ValueError naming the field, the bad value and the valid choices."""
-    experiment.check_field(
+    config_fields.check_field(
         "distribution.strategy", distribution.check_strategy, config.distribution.strategy
     )
-    experiment.check_positive(
+    config_fields.check_positive(
         config,
         "epochs",
         "data.batch_size",
@@ -57,7 +58,7 @@ def validate_config(config) -> Genotype:
         "model.num_cells",
         "model.stem_multiplier",
     )
-    experiment.check_positive(config, "optimizer.lr", integer=False)
+    config_fields.check_positive(config, "optimizer.lr", integer=False)
     if not 0.0 <= config.model.drop_path < 1.0:
         raise ValueError(
             f"config.model.drop_path must be in [0, 1), got {config.model.drop_path!r}"
@@ -81,7 +82,8 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     """
     genotype = validate_config(config)
     exp = experiment.Experiment.start(config, workdir)
-    info = data.get_info(config.data)  # an unknown dataset fails here, before training
+    train_data = data.TrainData(config.data, config.seed)  # a bad dataset fails here
+    info = train_data.info
     exp.open_workdir()
     if exp.chief:
         genotype.save(os.path.join(workdir, "genotype.json"))
@@ -89,12 +91,9 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             genotype, os.path.join(workdir, "genotype.png"), title=str(config.genotype)
         )
     with exp.strategy.scope():
-        _, _, _, steps = data.train_datasets(config.data, config.data.batch_size, config.seed)
-        net, optimizer = build_network(config, genotype, info, steps)
+        net, optimizer = build_network(config, genotype, info, train_data.steps_per_epoch)
     initial_epoch = exp.restore({"network": net, "optimizer": optimizer})
-    train, test, _, steps = data.train_datasets(
-        config.data, config.data.batch_size, config.seed, initial_epoch, config.epochs
-    )
+    train, test = train_data.streams(initial_epoch, config.epochs)
     start = time.time()
     summary = {
         "genotype": genotype.to_dict(),
@@ -105,7 +104,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         summary["final_metrics"] = exp.fit(
             net,
             train,
-            steps,
+            train_data.steps_per_epoch,
             initial_epoch,
             ([callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs)], []),
             optimizers={"learning_rate": optimizer},

@@ -149,7 +149,7 @@ def search_network_tables(net, table: LatencyTable, input_shape) -> dict:
     """Per cell type, ``[num_edges, num_ops]`` milliseconds summed over the cells of that type.
 
     ``input_shape`` is the image shape (H, W, C). Keys match
-    ``keras_das.space.variables.mixing_weights(net)`` (``"<net name>/normal"``, ``".../reduce"``).
+    ``keras_das.space.relaxations.model_mixing_weights(net)`` (``"<net name>/normal"``, ``".../reduce"``).
     """
     h, w = int(input_shape[0]), int(input_shape[1])
     out = {

@@ -18,6 +18,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_das.space import variables
+
 RELAXATIONS = ("softmax", "sigmoid", "gumbel", "gumbel_hard", "gate")
 
 _GUMBEL_EPS = 1e-10
@@ -91,3 +93,13 @@ def entropy(weights):
     """
     p = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), _GUMBEL_EPS)
     return -ops.mean(ops.sum(p * ops.log(ops.maximum(p, _GUMBEL_EPS)), axis=-1))
+
+
+def model_mixing_weights(model: keras.layers.Layer, training: bool = False) -> dict:
+    """The mixing weights of every layer of ``model`` that owns alphas
+    (``variables.arch_owners``), keyed ``owner`` or ``owner/part`` (``net/normal``)."""
+    out = {}
+    for owner in variables.arch_owners(model):
+        for name, weights in owner.named_mixing_weights(training).items():
+            out[name if name == owner.name else f"{owner.name}/{name}"] = weights
+    return out

@@ -67,12 +67,3 @@ def arch_owners(model: keras.layers.Layer) -> list:
         for layer in model._flatten_layers(include_self=True, recursive=True)
         if hasattr(layer, "named_mixing_weights") and getattr(layer, "owns_alpha", False)
     ]
-
-
-def mixing_weights(model: keras.layers.Layer, training: bool = False) -> dict:
-    """Every owner's mixing weights, keyed ``owner`` or ``owner/part`` (``net/normal``)."""
-    out = {}
-    for owner in arch_owners(model):
-        for name, weights in owner.named_mixing_weights(training).items():
-            out[name if name == owner.name else f"{owner.name}/{name}"] = weights
-    return out

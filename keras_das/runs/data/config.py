@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from keras_das.runs import experiment
+from keras_das.runs import config_fields
 
 
 def default_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -19,7 +19,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
     Returns:
         A ConfigDict with every field the data package reads.
     """
-    return experiment.config_section(
+    return config_fields.config_section(
         {
             "name": "cifar10",  # "synthetic" or a TFDS image-classification dataset
             "data_dir": config_dict.placeholder(str),  # None: the TFDS default
