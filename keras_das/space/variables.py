@@ -16,10 +16,17 @@ ALPHA_STDDEV = 1e-3
 
 
 def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=None, seed=None):
-    """Creates a trainable architecture parameter on ``layer`` (call it from ``build``)."""
+    """Creates a trainable architecture parameter on ``layer`` (call it from ``build``).
+
+    It is not autocast: under a mixed policy (``mixed_bfloat16``) the relaxation reads it in
+    its own float32, so the mixing weights and the alphas' gradients keep float32's
+    resolution (alphas start ~1e-3 apart, below bfloat16's 2^-8 relative step).
+    """
     if initializer is None:
         initializer = keras.initializers.RandomNormal(stddev=ALPHA_STDDEV, seed=seed)
-    variable = layer.add_weight(name=name, shape=shape, initializer=initializer, trainable=True)
+    variable = layer.add_weight(
+        name=name, shape=shape, initializer=initializer, trainable=True, autocast=False
+    )
     setattr(variable, _ARCH_TAG, True)
     return variable
 
