@@ -201,7 +201,12 @@ def test_subclassed_model_is_traced_into_a_functional_model():
     discrete = keras_das.discretize(supernet)
     _assert_discrete(discrete)
     _check_against_one_hot(supernet, discrete)
-    assert discrete.get_layer("mix_b").__class__ is keras_das.space.primitives.SepConv
+    sep_conv = discrete.get_layer("mix_b")  # sep_conv_3x3 as a Sequential of Keras layers
+    assert isinstance(sep_conv, keras.Sequential)
+    assert [type(layer).__name__ for layer in sep_conv.layers] == [
+        "ReLU", "DepthwiseConv2D", "Conv2D", "BatchNormalization",
+        "ReLU", "DepthwiseConv2D", "Conv2D", "BatchNormalization",
+    ]  # fmt: skip
     # Any batch size, not just the one the supernet was built with.
     assert discrete(np.concatenate([X, X, X])).shape == (6, 3)
 
@@ -313,18 +318,13 @@ def _keras_config(path):
         return json.loads(archive.read("config.json"))
 
 
-def test_saves_and_loads_without_keras_das(tmp_path):
-    inputs = keras.Input((8, 8, 3))
-    h = layers.Conv2D(4, 3, padding="same")(inputs)
-    h = MixedOp(_conv_candidates(), name="mix_a")(h)
-    supernet = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(h)))
-    _set_choice(supernet.get_layer("mix_a"), 1)  # a Conv2D and its adapter
-    discrete = keras_das.discretize(supernet)
+def _outputs_loaded_without_keras_das(tmp_path, model):
+    """Saves ``model``, loads it in a process where keras_das cannot be imported, and
+    returns that model's outputs on ``X`` (after checking the file names no keras_das class)."""
     path = os.path.join(tmp_path, "discrete.keras")
-    discrete.save(path)
+    model.save(path)
     assert "keras_das" not in json.dumps(_keras_config(path))
     np.save(os.path.join(tmp_path, "x.npy"), X)
-
     script = (
         "import sys\n"
         "sys.modules['keras_das'] = None  # the editable install would make it importable\n"
@@ -342,14 +342,63 @@ def test_saves_and_loads_without_keras_das(tmp_path):
         [sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(os.path.join(tmp_path, "y.npy"))
+
+
+def test_saves_and_loads_without_keras_das(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    h = layers.Conv2D(4, 3, padding="same")(inputs)
+    h = MixedOp(_conv_candidates(), name="mix_a")(h)
+    supernet = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(h)))
+    _set_choice(supernet.get_layer("mix_a"), 1)  # a Conv2D and its adapter
+    discrete = keras_das.discretize(supernet)
     np.testing.assert_allclose(
-        np.load(os.path.join(tmp_path, "y.npy")), np.asarray(discrete(X, training=False)), atol=1e-6
+        _outputs_loaded_without_keras_das(tmp_path, discrete),
+        np.asarray(discrete(X, training=False)),
+        atol=1e-6,
     )
 
 
-def test_keras_das_op_choice_saves_and_reloads_with_keras_das(tmp_path):
-    supernet = _functional_supernet()
-    _set_choice(supernet.get_layer("mix_b"), 0)  # sep_conv_3x3
+# Named ops chosen in each MixedOp of _named_op_supernet: (candidates, strides, chosen).
+NAMED_CHOICES = {
+    "sep": (["sep_conv_3x3", "sep_conv_5x5", "skip_connect"], 1, 0),
+    "dil": (["dil_conv_3x3", "dil_conv_5x5", "skip_connect"], 1, 1),
+    "avg": (["avg_pool_3x3", "max_pool_3x3", "sep_conv_3x3"], 1, 0),
+    "max": (["avg_pool_3x3", "max_pool_3x3", "sep_conv_3x3"], 1, 1),
+    "skip": (["skip_connect", "sep_conv_3x3"], 1, 0),
+    "dil_strided": (["dil_conv_3x3", "sep_conv_3x3"], 2, 0),
+    "sep_strided": (["dil_conv_3x3", "sep_conv_3x3"], 2, 1),
+}
+
+
+def _named_op_supernet():
+    inputs = keras.Input((8, 8, 3))
+    h = layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    for name, (candidates, strides, _) in NAMED_CHOICES.items():
+        h = MixedOp(candidates, strides=strides, name=name)(h)
+    return keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(h)))
+
+
+def test_chosen_named_ops_are_keras_layers_and_load_without_keras_das(tmp_path):
+    supernet = _named_op_supernet()
+    supernet(X, training=True)  # batch statistics away from their initial values
+    for name, (_, _, index) in NAMED_CHOICES.items():
+        _set_choice(supernet.get_layer(name), index)
+    discrete = keras_das.discretize(supernet)
+    _check_against_one_hot(supernet, discrete)
+    np.testing.assert_allclose(
+        _outputs_loaded_without_keras_das(tmp_path, discrete),
+        np.asarray(discrete(X, training=False)),
+        atol=1e-6,
+    )
+
+
+def test_op_without_a_keras_equivalent_saves_and_reloads_with_keras_das(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    h = layers.Conv2D(4, 3, padding="same")(inputs)
+    h = MixedOp(["skip_connect", "max_pool_3x3"], strides=2, name="reduce")(h)
+    supernet = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(h)))
+    _set_choice(supernet.get_layer("reduce"), 0)  # FactorizedReduce: no Keras equivalent
     discrete = keras_das.discretize(supernet)
     path = os.path.join(tmp_path, "discrete.keras")
     discrete.save(path)

@@ -291,3 +291,170 @@ def test_warmup_freezes_alphas_then_releases_them():
     )
     assert not np.array_equal(mix.alpha.numpy(), before)
     assert np.isfinite(history.history["arch_val_loss"][0])
+
+
+def _gumbel_model():
+    inputs = keras.Input((12, 12, 1))
+    x = layers.Conv2D(4, 1)(inputs)
+    mix = MixedOp(
+        ["skip_connect", layers.Conv2D(4, 3, padding="same")], relaxation="gumbel", seed=5
+    )
+    x = layers.Dropout(0.2, seed=6)(layers.GlobalAveragePooling2D()(mix(x)))
+    return keras.Model(inputs, layers.Dense(2)(x))
+
+
+_GUMBEL_NOISE = keras_das.relaxations.gumbel_noise
+
+
+def _noise_samples(monkeypatch, architect):
+    """The Gumbel noise of every forward pass of one (eager) search step."""
+    samples = []
+    sample = _GUMBEL_NOISE
+
+    def recording(*args, **kwargs):
+        noise = sample(*args, **kwargs)
+        samples.append(np.asarray(noise))
+        return noise
+
+    monkeypatch.setattr(keras_das.relaxations, "gumbel_noise", recording)
+    keras.utils.set_random_seed(3)
+    search = keras_das.SearchModel(_gumbel_model())
+    search.compile(loss=LOGITS_CE, architect=architect)
+    x, y = _stripes(8, seed=3)
+    search.train_step(((x, y), (x, y)))
+    return samples
+
+
+@pytest.mark.parametrize("architect", ["first_order", "second_order", "exact"])
+def test_gumbel_noise_is_fresh_in_every_pass_and_seeded(architect, monkeypatch):
+    samples = _noise_samples(monkeypatch, architect)
+    # val (first order); or train, val at w', w + eps u, w - eps u (second order); or
+    # train, val (exact); then the weight step.
+    assert len(samples) == {"first_order": 2, "second_order": 5, "exact": 3}[architect]
+    for i in range(len(samples)):
+        for j in range(i):
+            assert not np.array_equal(samples[i], samples[j]), (i, j)
+    again = _noise_samples(monkeypatch, architect)
+    for a, b in zip(samples, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class _UnreachedWeight(layers.Layer):
+    """A dense layer with a second kernel that its output never uses."""
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 2), name="kernel")
+        self.unused = self.add_weight(shape=(3,), name="unused")
+
+    def call(self, inputs):
+        return keras.ops.matmul(inputs, self.kernel)
+
+
+@pytest.mark.parametrize("architect", ["second_order", "exact"])
+def test_a_weight_without_gradient_stays_in_the_virtual_step(architect):
+    inputs = keras.Input((12, 12, 1))
+    x = MixedOp(["skip_connect", layers.Conv2D(1, 3, padding="same")])(inputs)
+    head = _UnreachedWeight()
+    model = keras.Model(inputs, head(layers.GlobalAveragePooling2D()(x)))
+    search = keras_das.SearchModel(model)
+    search.compile(loss=LOGITS_CE, architect=architect)
+    x, y = _stripes(8, seed=3)
+    grads, loss, _ = search.architect((x, y), (x, y))
+    assert all(np.all(np.isfinite(g)) for g in grads) and np.isfinite(loss)
+    values = search.architect.current_values()
+    w = [values[i] for i in search.weight_index]
+    g, _, _ = search.architect.gradients(values, search.weight_index, x, y)
+    unused = [i for i, v in enumerate(search.weight_vars) if v is head.unused]
+    assert g[unused[0]] is None  # the loss does not reach it ...
+    stepped = search.architect.virtual_step(w, g)
+    np.testing.assert_array_equal(stepped[unused[0]], w[unused[0]])  # ... and it stays
+
+
+class _SubclassedNet(keras.Model):
+    """The README's user model: sublayers made in __init__, no build method."""
+
+    def __init__(self):
+        super().__init__(name="net")
+        self.stem = layers.Conv2D(4, 3, padding="same")
+        self.mix = MixedOp(["max_pool_3x3", layers.Conv2D(4, 3, padding="same")])
+        self.pool = layers.GlobalAveragePooling2D()
+        self.head = layers.Dense(2)
+
+    def call(self, inputs, training=None):
+        return self.head(self.pool(self.mix(self.stem(inputs), training=training)))
+
+
+def test_subclassed_model_is_built_by_search_model_build():
+    net = _SubclassedNet()
+    search = keras_das.SearchModel(net)
+    search.build((None, 16, 16, 3))
+    search.compile(loss=LOGITS_CE, architect="second_order")
+    assert len(search.arch_vars) == 1 and search.arch_vars[0] is net.mix.alpha
+    x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype("float32")
+    y = np.array([0, 1, 0, 1])
+    before = search.arch_vars[0].numpy().copy()
+    search.train_step(((x, y), (x, y)))
+    assert not np.array_equal(before, search.arch_vars[0].numpy())
+
+
+def test_no_alphas_error_says_what_was_found():
+    plain = keras.Sequential([keras.Input((4,)), layers.Dense(2, name="head")])
+    with pytest.raises(
+        ValueError, match=r"found 2 layers \['input_layer', 'head'\].*head/kernel.*none an alpha"
+    ):
+        keras_das.SearchModel(plain).compile()
+
+
+def test_compile_refuses_what_the_virtual_step_cannot_follow():
+    model, _ = _identity_or_conv_model()
+    search = keras_das.SearchModel(model)
+    with pytest.raises(ValueError, match=r"supports \['SGD', 'Adam', 'AdamW'\], got RMSprop"):
+        search.compile(weight_optimizer=keras.optimizers.RMSprop(0.01), architect="exact")
+    search.compile(weight_optimizer=keras.optimizers.RMSprop(0.01))  # first order: any
+    scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="is a LossScaleOptimizer.*mixed_bfloat16"):
+        search.compile(weight_optimizer=scaled)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+        search.compile(
+            weight_optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+            architect="second_order",
+        )
+
+
+@pytest.fixture
+def mixed_policy():
+    def set_policy(name):
+        keras.config.set_dtype_policy(name)
+
+    yield set_policy
+    keras.config.set_dtype_policy("float32")
+
+
+def test_mixed_float16_is_refused_naming_the_layer(mixed_policy):
+    mixed_policy("mixed_float16")
+    model, _ = _identity_or_conv_model()
+    with pytest.raises(ValueError, match=r"Layer '.*' of '.*' computes in float16 .*mixed_float16"):
+        keras_das.SearchModel(model).compile(loss=LOGITS_CE)
+
+
+@pytest.mark.parametrize("architect", ["first_order", "second_order", "exact"])
+def test_mixed_bfloat16_search_keeps_the_arch_step_in_float32(architect, mixed_policy):
+    x, y = _stripes(16, seed=3)
+    train, val = (x[:8], y[:8]), (x[8:], y[8:])
+    grads = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        mixed_policy(policy)
+        keras.utils.set_random_seed(0)
+        model, mix = _identity_or_conv_model()
+        search = keras_das.SearchModel(model)
+        search.compile(loss=LOGITS_CE, architect=architect)
+        grads[policy] = search.architect(train, val)[0][0]
+    assert mix.compute_dtype == "bfloat16" and mix.alpha.dtype == "float32"
+    low, full = np.asarray(grads["mixed_bfloat16"]), np.asarray(grads["float32"])
+    assert grads["mixed_bfloat16"].dtype == "float32"
+    # Softmax gradients sum to zero; in float32 they still do (bfloat16 alphas: 2e-4 off).
+    assert abs(low.sum()) < 1e-6 * np.linalg.norm(low)
+    assert np.linalg.norm(low - full) < 1e-2 * np.linalg.norm(full)  # seen: 4e-4 to 2e-3
+    before = mix.alpha.numpy().copy()
+    logs = search.train_step((train, val))
+    assert np.isfinite(float(logs["loss"])) and not np.array_equal(before, mix.alpha.numpy())

@@ -24,6 +24,7 @@ from keras import layers
 # Keras exports no name for the class of keras.Model(inputs, outputs); clone_model tests it.
 from keras.src.models.functional import Functional
 
+from keras_das.space import primitives
 from keras_das.space import variables
 from keras_das.space.mixed_op import MixedOp
 
@@ -57,10 +58,12 @@ def discretize(
     - A MixedOp is replaced where the graph calls it. One that sits inside another custom
       layer (as in the DARTS ``SearchCell``) cannot be reached and is an error.
 
-    The result saves to ``.keras``. When the chosen candidates (and the rest of the model)
-    are built-in Keras layers it loads with ``keras.models.load_model`` without keras_das;
-    a chosen keras_das op (``sep_conv_3x3`` and the other named ops) needs keras_das
-    imported to load.
+    The result saves to ``.keras``. Chosen named ops (``sep_conv_3x3``, ``dil_conv_5x5``,
+    ``max_pool_3x3``, ``skip_connect``, ...) are written as compositions of Keras's own
+    layers, so when the rest of the model is made of Keras layers too it loads with
+    ``keras.models.load_model`` without keras_das. Only ops Keras has no layer for stay
+    keras_das layers and need keras_das imported to load: stride-2 pooling (the
+    reference's padding) and stride-2 ``skip_connect`` (``FactorizedReduce``).
 
     Args:
         model: a built Keras model containing MixedOps.
@@ -213,6 +216,28 @@ def _copy_layer(layer: layers.Layer, copies: list, name: str | None = None) -> l
     return new
 
 
+def _keras_only(layer: layers.Layer, copies: list, name: str | None = None) -> layers.Layer:
+    """A copy of a chosen op made of Keras's own layers where they compute the same, so the
+    discrete model loads without keras_das: a chain op (``sep_conv_*``, ``dil_conv_*``,
+    ``*_pool_3x3`` with its batch norm, ...) becomes a ``keras.Sequential`` of copies of its
+    layers; stride-1 pooling, identity and the even-pixel subsampling of strided
+    ``dil_conv`` become Keras pooling and ``Identity`` layers. What has no Keras equivalent
+    (stride-2 pooling with the reference's padding, ``FactorizedReduce``, ``Zero``) stays a
+    keras_das layer."""
+    if isinstance(layer, primitives.OpChain):
+        parts = [_keras_only(part, copies) for part in layer.chain]
+        return keras.Sequential(parts, name=name or layer.name)
+    kwargs = {} if name is None else {"name": name}
+    if isinstance(layer, primitives.Pool) and layer.strides == 1:
+        pool = layers.MaxPooling2D if layer.pool_type == "max" else layers.AveragePooling2D
+        return pool(layer.pool_size, strides=1, padding="same", **kwargs)  # excludes padding
+    if isinstance(layer, primitives.EvenPixels):
+        return layers.MaxPooling2D(pool_size=1, strides=2, **kwargs)  # x[:, ::2, ::2]
+    if isinstance(layer, primitives.Identity):
+        return layers.Identity(**kwargs)
+    return _copy_layer(layer, copies, name=name)
+
+
 def _rebuild(graph: keras.Model, chosen: dict[int, int]) -> keras.Model:
     copies = []  # (new layer, layer whose weights it takes)
     replacements = set()  # ids of the layers standing in for MixedOps
@@ -222,10 +247,10 @@ def _rebuild(graph: keras.Model, chosen: dict[int, int]) -> keras.Model:
             index = chosen[id(layer)]
             op, adapter = layer.ops[index], layer.adapters[index]
             if adapter is None:
-                new = _copy_layer(op, copies, name=layer.name)
+                new = _keras_only(op, copies, name=layer.name)
             else:
                 new = keras.Sequential(
-                    [_copy_layer(op, copies), _copy_layer(adapter, copies)], name=layer.name
+                    [_keras_only(op, copies), _copy_layer(adapter, copies)], name=layer.name
                 )
             replacements.add(id(new))
             return new

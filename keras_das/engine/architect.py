@@ -1,21 +1,25 @@
 """Hypergradients of the validation loss with respect to the architecture parameters.
 
 The architect never assigns a network weight: losses at other weights (the virtual step
-``w'``, the finite-difference points ``w +- eps * v``) are computed by calling the model
-inside a ``keras.StatelessScope`` that maps its variables to tensors. The weights are
-therefore bit-identical before and after an architecture step, and each replica of a
+``w'``, the finite-difference points) are computed by calling the model inside a
+``keras.StatelessScope`` that maps its variables to tensors. The weights are therefore
+bit-identical before and after an architecture step, and each replica of a
 ``tf.distribute`` strategy computes the same perturbed weights from all-reduced gradients.
-Batch-norm statistics and random-generator states that change inside those calls are
-discarded: the architecture step moves alphas and nothing else.
+Batch-norm statistics updates inside those calls are discarded; random-generator states
+move on after each call, so every pass (train, val, ``w +- eps * u``, then the weight step)
+draws fresh Gumbel noise and dropout masks, as SNAS and GDAS do.
 
-Every gradient is the gradient of the *global* batch's mean loss: each replica's loss is
-scaled by ``1 / num_replicas`` (as Keras losses are) and gradients are summed across replicas.
+Every loss is the weight step's: the data loss plus ``supernet.losses`` (kernel regularisers
+included). Every gradient is the gradient of the *global* batch's mean loss: each replica's
+loss is scaled by ``1 / num_replicas`` (as Keras losses are) and gradients are summed across
+replicas.
 
 - ``first_order``: ``dL_val(w, a) / da``.
-- ``second_order`` (DARTS eq. 7-8): the virtual step ``w' = w - xi * (momentum + dL_train/dw
-  + wd * w)`` taken exactly as the Keras weight optimizer would take its next step, then
-  ``dL_val(w', a)/da - xi * H v`` with the Hessian-vector product ``H v`` by central finite
-  differences at ``w +- eps * v``, ``v = dL_val(w', a)/dw'``, ``eps = 0.01 / ||v||``.
+- ``second_order`` (DARTS eq. 7-8): the virtual step ``w'`` taken exactly as the Keras
+  weight optimizer (SGD, Adam, AdamW; see ``virtual_step``) would take its next step, then
+  ``dL_val(w', a)/da + d/da (dL_train/dw . u)`` with ``u = (dw'/dg)^T v`` (``-xi * v`` for
+  plain SGD), ``v = dL_val(w', a)/dw'``, the Hessian-vector product by central finite
+  differences at ``w +- eps * u``, ``eps = 0.01 / ||u||``.
 - ``exact``: differentiates ``L_val(w'(a), a)`` through the virtual step with nested tapes
   (the ground truth the finite-difference estimate approaches).
 """
@@ -25,7 +29,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_das.engine import moments
 from keras_das.engine.updates import all_reduce_sum
+from keras_das.engine.virtual_step import next_weights
+from keras_das.engine.virtual_step import step_vector_product
 from keras_das.space import primitives
 
 ARCHITECTS = ("first_order", "second_order", "exact")
@@ -38,7 +45,7 @@ def check_architect(name: str) -> str:
 
 
 def global_norm(tensors):
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors if t is not None]))
 
 
 class Architect:
@@ -62,16 +69,33 @@ class Architect:
 
     def loss_at(self, values, x, y, with_penalty=True):
         """The scaled loss (and predictions) with the supernet's trainable variables set
-        to ``values``, without changing any variable."""
+        to ``values``, without changing any of them.
+
+        The loss is the weight step's: the data loss plus ``supernet.losses`` (kernel
+        regularisers and ``add_loss`` terms, here at ``values``). Random-generator states
+        move on after each pass (Gumbel noise and dropout are fresh in every pass, and
+        deterministic given the seeds); batch-norm statistics updates are discarded.
+        """
         sm = self.search_model
+        states = self.random_states()
         mapping = list(zip(sm.supernet.trainable_variables, values))
         with (
             keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
             primitives.discarding_batch_norm_statistics(),  # updates in the scope: discarded
         ):
             y_pred = sm.supernet(x, training=True)
-            loss = sm.total_loss(y, y_pred, scope.losses, with_penalty)
+            loss = sm.total_loss(y, y_pred, sm.supernet.losses, with_penalty)
+            advanced = [scope.get_current_value(state) for state in states]
+        for state, value in zip(states, advanced):
+            if value is not None:
+                state.assign(value)
         return loss, y_pred
+
+    def random_states(self):
+        """The supernet's random-generator states (``SeedGenerator``s of Gumbel and dropout)."""
+        supernet = self.search_model.supernet
+        weights = {id(v) for v in supernet.weights}
+        return [v for v in supernet.variables if id(v) not in weights]
 
     def gradients(self, values, wrt, x, y, with_penalty=True):
         """All-reduced gradients of the loss at ``values`` w.r.t. ``values[i] for i in wrt``."""
@@ -84,21 +108,7 @@ class Architect:
     def virtual_step(self, weights, grads):
         """``w'``: where the weight optimizer's next step (before clipping) would take ``w``."""
         sm = self.search_model
-        optimizer = sm.weight_optimizer
-        xi = tf.cast(optimizer.learning_rate, weights[0].dtype)
-        stepped = []
-        for variable, w, g in zip(sm.weight_vars, weights, grads):
-            g = g + sm.weight_decay * w
-            if isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum:
-                # Keras SGD: m <- mu * m - lr * g; w <- w + m (sign and lr folded into m).
-                # mu is cast as Keras casts it (through float32), so the steps agree exactly.
-                mu = keras.ops.cast(optimizer.momentum, w.dtype)
-                m = optimizer.momentums[optimizer._get_variable_index(variable)]
-                m_next = mu * tf.cast(m, w.dtype) - xi * g
-                stepped.append(w + (mu * m_next - xi * g if optimizer.nesterov else m_next))
-            else:
-                stepped.append(w - xi * g)
-        return stepped, xi
+        return next_weights(sm.weight_optimizer, sm.weight_vars, weights, grads, sm.weight_decay)
 
     # -- architects -------------------------------------------------------------------------
 
@@ -122,27 +132,31 @@ class Architect:
     def second_order_terms(self, train_batch, val_batch):
         """The pieces of the DARTS estimate, for inspection and tests.
 
+        With ``u = (dw'/dg)^T v`` (``-xi * v`` for plain SGD, as in DARTS), the
+        hypergradient is ``d_alpha + d/da (g_train . u)``, the second term by central
+        differences at ``w +- eps * u``, ``eps = fd_epsilon / ||u||`` (DARTS's points).
+
         Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``grad_plus`` and ``grad_minus``
-        (dL_train/da at ``w +- eps * v``), ``eps``, ``xi``, and the val loss and predictions.
+        (dL_train/da at ``w +- eps * u``), ``eps``, and the val loss and predictions.
         """
+        sm = self.search_model
         values, weight, arch = self._split()
         w = [values[i] for i in weight]
         g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
-        w_virtual, xi = self.virtual_step(w, g_train)
-        virtual = _replace(values, weight, w_virtual)
+        virtual = _replace(values, weight, self.virtual_step(w, g_train))
         g_val, val_loss, val_pred = self.gradients(virtual, weight + arch, *val_batch)
-        v, d_alpha = g_val[: len(weight)], g_val[len(weight) :]
-        eps = self.fd_epsilon / global_norm(v)
-        plus = _replace(values, weight, [wi + eps * vi for wi, vi in zip(w, v)])
-        minus = _replace(values, weight, [wi - eps * vi for wi, vi in zip(w, v)])
+        v, d_alpha = g_val[: len(weight)], _zeros_for_none(g_val[len(weight) :], arch, values)
+        u = step_vector_product(sm.weight_optimizer, sm.weight_vars, w, g_train, v, sm.weight_decay)
+        eps = self.fd_epsilon / global_norm(u)
+        plus = _replace(values, weight, [wi + eps * ui for wi, ui in zip(w, u)])
+        minus = _replace(values, weight, [wi - eps * ui for wi, ui in zip(w, u)])
         g_plus, _, _ = self.gradients(plus, arch, *train_batch, with_penalty=False)
         g_minus, _, _ = self.gradients(minus, arch, *train_batch, with_penalty=False)
         return dict(
             d_alpha=d_alpha,
-            grad_plus=g_plus,
-            grad_minus=g_minus,
+            grad_plus=_zeros_for_none(g_plus, arch, values),
+            grad_minus=_zeros_for_none(g_minus, arch, values),
             eps=eps,
-            xi=xi,
             val_loss=val_loss,
             val_pred=val_pred,
         )
@@ -150,7 +164,7 @@ class Architect:
     def second_order(self, train_batch, val_batch):
         t = self.second_order_terms(train_batch, val_batch)
         grads = [
-            d - t["xi"] * (gp - gm) / (2.0 * t["eps"])
+            d + (gp - gm) / (2.0 * t["eps"])
             for d, gp, gm in zip(t["d_alpha"], t["grad_plus"], t["grad_minus"])
         ]
         return grads, t["val_loss"], t["val_pred"]
@@ -158,14 +172,20 @@ class Architect:
     def exact(self, train_batch, val_batch):
         values, weight, arch = self._split()
         alphas = [values[i] for i in arch]
-        with tf.GradientTape() as outer:
+        # Keras's moments stop a gradient that second derivatives need (see moments.py).
+        with moments.exact_second_derivatives(), tf.GradientTape() as outer:
             outer.watch(alphas)
             w = [values[i] for i in weight]
             g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
-            w_virtual, _ = self.virtual_step(w, g_train)
+            w_virtual = self.virtual_step(w, g_train)
             val_loss, val_pred = self.loss_at(_replace(values, weight, w_virtual), *val_batch)
         grads = all_reduce_sum(outer.gradient(val_loss, alphas))
         return grads, val_loss, val_pred
+
+
+def _zeros_for_none(grads, indices, values):
+    """Gradients with ``None`` (a variable the loss does not reach) as zeros."""
+    return [tf.zeros_like(values[i]) if g is None else g for g, i in zip(grads, indices)]
 
 
 def _replace(values, indices, replacements):

@@ -9,8 +9,13 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+# Whether a layer's build is Layer's own (which builds no sublayer); Keras exports no name.
+from keras.src.utils.python_utils import is_default
+
 from keras_das.engine import updates
+from keras_das.engine import virtual_step
 from keras_das.engine.architect import Architect
+from keras_das.engine.architect import check_architect
 from keras_das.space import primitives
 from keras_das.space import relaxations
 from keras_das.space import variables
@@ -63,8 +68,16 @@ class SearchModel(keras.Model):
         self.supernet = supernet
 
     def build(self, input_shape):
-        if not self.supernet.built:
-            self.supernet.build(input_shape)
+        """Builds the supernet, tracing its ``call`` when ``build`` leaves sublayers unbuilt.
+
+        Keras marks a subclassed model without a ``build`` method as built without building
+        its sublayers (MixedOps and their alphas included); a symbolic call builds them.
+        """
+        net = self.supernet
+        if not net.built and not is_default(net.build):
+            net.build(input_shape)
+        if not net.built or _unbuilt_layers(net):
+            net(keras.tree.map_shape_structure(keras.KerasTensor, input_shape))
         self.built = True
 
     def call(self, inputs, training=None):
@@ -106,6 +119,9 @@ class SearchModel(keras.Model):
 
         Args:
             weight_optimizer: for the network weights; default SGD(0.025, momentum 0.9).
+                Without clipping or weight decay of its own (``AdamW``'s decoupled decay
+                excepted). Not a ``LossScaleOptimizer``: ``mixed_float16`` is refused;
+                ``mixed_bfloat16`` needs no loss scaling.
                 Give it a learning-rate schedule (``keras_das.engine.schedules.EpochCosineDecay``)
                 for DARTS's cosine annealing.
             arch_optimizer: for the alphas; default Adam(3e-4, beta_1=0.5, beta_2=0.999,
@@ -116,7 +132,9 @@ class SearchModel(keras.Model):
                 ``arch_val_`` prefix, on the validation batches of the architecture step.
                 ``"accuracy"`` means sparse categorical accuracy (integer labels).
             architect: ``first_order``, ``second_order`` (DARTS finite differences) or
-                ``exact`` (differentiates through the virtual step).
+                ``exact`` (differentiates through the virtual step). The last two take the
+                weight optimizer's next step themselves: it must be a Keras ``SGD`` (any
+                momentum, Nesterov), ``Adam`` or ``AdamW``.
             weight_decay: L2 weight decay coupled into the weight gradients (``g + wd * w``),
                 as PyTorch's SGD in DARTS; Keras's own ``weight_decay`` is decoupled.
             arch_weight_decay: the same for the alphas (1e-3 in DARTS).
@@ -127,8 +145,7 @@ class SearchModel(keras.Model):
                 variables, so they see the weights the architect evaluates at.
             sync_batch_norm: under a strategy with several replicas, make the supernet's
                 batch norms use global-batch statistics (so the search does not depend on
-                the number of replicas). With ``exact`` on one replica they are always
-                synchronised: only that form has exact second derivatives.
+                the number of replicas).
             freezable_arch: compile the step so that ``arch_enabled`` (a variable) can freeze
                 the alphas, as warm-up epochs do (``keras_das.engine.remedies.ArchWarmup``).
             jit_compile: compile steps with XLA (off by default: on CPU it made the DARTS
@@ -141,35 +158,17 @@ class SearchModel(keras.Model):
                 "search_model.build((None, 32, 32, 3)) or call it on a batch"
             )
         self.built = True
-        trainable = self.supernet.trainable_variables
-        self.arch_index = [i for i, v in enumerate(trainable) if variables.is_arch_variable(v)]
-        self.weight_index = [
-            i for i, v in enumerate(trainable) if not variables.is_arch_variable(v)
-        ]
-        if not self.arch_index:
-            raise ValueError(
-                f"Model {self.supernet.name!r} has no architecture parameters; add MixedOp "
-                "layers (or use keras_das.SearchNetwork)"
-            )
-
+        self._split_variables()
         if weight_optimizer is None:
             weight_optimizer = keras.optimizers.SGD(0.025, momentum=0.9)
         if arch_optimizer is None:
             arch_optimizer = keras.optimizers.Adam(3e-4, beta_1=0.5, beta_2=0.999, epsilon=1e-8)
-        updates.check_optimizer("weight_optimizer", weight_optimizer)
-        updates.check_optimizer("arch_optimizer", arch_optimizer)
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+        _check_setup(self.supernet, weight_optimizer, arch_optimizer, architect, grad_clip)
         self.weight_optimizer = weight_optimizer
         self.arch_optimizer = arch_optimizer
         self.weight_optimizer.build(self.weight_vars)
         self.arch_optimizer.build(self.arch_vars)
-        # With exact on one replica too: BatchNormalization's own batch variance
-        # (tf.nn.moments) stops the gradient of the mean inside it, so its second
-        # derivatives are off (0.6% of the hypergradient in tests/test_architect.py); the
-        # synchronised statistics (E[x^2] - E[x]^2) are exact and, on one replica, the same.
-        replicas = updates.num_replicas()
-        if (sync_batch_norm and replicas > 1) or (architect == "exact" and replicas == 1):
+        if sync_batch_norm and updates.num_replicas() > 1:
             primitives.synchronize_batch_norm(self.supernet)
         self.loss_fn = keras.losses.get(loss)
         self.weight_decay = float(weight_decay)
@@ -196,6 +195,15 @@ class SearchModel(keras.Model):
             jit_compile=jit_compile,
             steps_per_execution=steps_per_execution,
         )
+
+    def _split_variables(self):
+        trainable = self.supernet.trainable_variables
+        self.arch_index = [i for i, v in enumerate(trainable) if variables.is_arch_variable(v)]
+        self.weight_index = [
+            i for i, v in enumerate(trainable) if not variables.is_arch_variable(v)
+        ]
+        if not self.arch_index:
+            raise ValueError(_no_alphas_message(self.supernet))
 
     # Views into the supernet's variables (indices, not copies, so nothing is tracked twice).
     @property
@@ -315,3 +323,42 @@ def _make_metric(spec, prefix=""):
         raise TypeError(f"A metric must be a name or a keras.metrics.Metric, got {spec!r}")
     config["name"] = prefix + config["name"]
     return metric.__class__.from_config(config)
+
+
+def _unbuilt_layers(model) -> list:
+    return [layer for layer in model._flatten_layers(include_self=False) if not layer.built]
+
+
+def _no_alphas_message(net) -> str:
+    layer_names = [layer.name for layer in net._flatten_layers(include_self=False)]
+    unbuilt = [layer.name for layer in _unbuilt_layers(net)]
+    paths = [v.path for v in net.trainable_variables]
+    return (
+        f"Model {net.name!r} has no architecture parameters: found {len(layer_names)} layers "
+        f"{layer_names[:12]}, {len(unbuilt)} of them unbuilt {unbuilt[:12]}, and "
+        f"{len(paths)} trainable variables {paths[:12]}, none an alpha. Add MixedOp layers "
+        "(or use keras_das.SearchNetwork); if it has them unbuilt, build it with "
+        "SearchModel.build(input_shape) or by calling the model on a batch"
+    )
+
+
+def _check_setup(net, weight_optimizer, arch_optimizer, architect, grad_clip) -> None:
+    """Refuses what the search would get silently wrong (see ``SearchModel.compile``)."""
+    updates.check_optimizer(
+        "weight_optimizer",
+        weight_optimizer,
+        allow_weight_decay=isinstance(weight_optimizer, keras.optimizers.AdamW),
+    )
+    updates.check_optimizer("arch_optimizer", arch_optimizer)
+    if check_architect(architect) != "first_order":
+        virtual_step.check_optimizer(weight_optimizer, architect)
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+    for layer in net._flatten_layers(include_self=True):
+        if layer.compute_dtype == "float16":
+            raise ValueError(
+                f"Layer {layer.name!r} of {net.name!r} computes in float16 (dtype policy "
+                f"{layer.dtype_policy.name!r}); SearchModel does not loss-scale its steps, "
+                "and float16 gradients (second-order ones first) underflow. Use "
+                "keras.mixed_precision.set_dtype_policy('mixed_bfloat16') or float32"
+            )

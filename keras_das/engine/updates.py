@@ -8,6 +8,7 @@ its ``weight_decay`` is decoupled, so neither reproduces this; ``apply_gradients
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 
@@ -59,14 +60,20 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
     optimizer.apply([g / replicas if replicas > 1 else g for g, _ in pairs], [v for _, v in pairs])
 
 
-def check_optimizer(name: str, optimizer) -> None:
-    """Rejects an optimizer that would clip or decay on its own (and differ from DARTS)."""
-    if (
-        optimizer.global_clipnorm
-        or optimizer.clipnorm
-        or optimizer.clipvalue
-        or optimizer.weight_decay
-    ):
+def check_optimizer(name: str, optimizer, allow_weight_decay: bool = False) -> None:
+    """Rejects an optimizer that would clip or decay on its own (and differ from DARTS), or
+    one that expects loss-scaled gradients.
+
+    ``allow_weight_decay`` lets decoupled weight decay through (AdamW's, by choice).
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            f"{name} is a LossScaleOptimizer ({optimizer.inner_optimizer!r} inside), but "
+            "keras_das does not loss-scale its steps: pass the inner optimizer, and use "
+            "mixed_bfloat16 or float32 rather than mixed_float16"
+        )
+    decays = optimizer.weight_decay and not allow_weight_decay
+    if optimizer.global_clipnorm or optimizer.clipnorm or optimizer.clipvalue or decays:
         raise ValueError(
             f"{name} clips or decays by itself; pass grad_clip / weight_decay to compile "
             "instead (DARTS couples weight decay into the gradient and clips the global norm "

@@ -18,8 +18,9 @@ ALPHA_STDDEV = 1e-3
 def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=None, seed=None):
     """Creates a trainable architecture parameter on ``layer`` (call it from ``build``).
 
-    It reads as float32 under a mixed dtype policy too (``autocast=False``): the
-    relaxation's softmax over a few close logits needs float32, and the layers that mix
+    It is not autocast: under a mixed policy (``mixed_bfloat16``) the relaxation reads it in
+    float32, so the mixing weights and the alphas' gradients keep float32's resolution
+    (alphas start ~1e-3 apart, below bfloat16's 2^-8 relative step); the layers that mix
     cast the resulting weights to their compute dtype.
     """
     if initializer is None:
