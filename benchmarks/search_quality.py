@@ -450,6 +450,13 @@ def main():
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--max_minutes", type=float, default=math.inf)
     parser.add_argument("--table_only", action="store_true", help="only rewrite the table")
+    parser.add_argument(
+        "--first",
+        nargs="*",
+        default=(),
+        help="job names to run before the rest, in this order (a searched genotype's "
+        "retrain, NAME__sSEED, counts once its search has a record)",
+    )
     args = parser.parse_args()
 
     preset = PRESETS[args.preset]
@@ -468,7 +475,12 @@ def main():
             results, {k: {j.name: j for j in jobs if j.kind == k} for k in ("search", "retrain")}
         )
         todo = [j for j in jobs if j.name not in records[j.kind] and j.name not in failed]
-        todo.sort(key=lambda j: priority(preset, j))
+        first = list(args.first)
+        todo.sort(
+            key=lambda j: (
+                (first.index(j.name) if j.name in first else len(first),) + priority(preset, j)
+            )
+        )
         print(f"{len(jobs) - len(todo)} of {len(jobs)} known jobs done", flush=True)
         if not todo or (time.time() - start) / 60 > args.max_minutes:
             break
