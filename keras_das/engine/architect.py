@@ -103,6 +103,9 @@ class Architect:
             tape.watch([values[i] for i in wrt])
             loss, y_pred = self.loss_at(values, x, y, with_penalty)
         grads = tape.gradient(loss, [values[i] for i in wrt])
+        # Sparse gradients (an Embedding's IndexedSlices) as dense tensors: the virtual
+        # step is elementwise in them and differentiated with respect to them.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         return all_reduce_sum(grads), loss, y_pred
 
     def virtual_step(self, weights, grads):
