@@ -21,7 +21,7 @@ def load_example(name: str):
     return module
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, flags",
     [
@@ -76,7 +76,7 @@ def test_blob_targets_are_the_blob_centres():
     assert np.median(np.linalg.norm(brightest - points * 20, axis=-1)) < 1.5
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_sequence_example_second_order():
     """An Embedding's gradient is sparse (IndexedSlices); the virtual step and its
     vector product need it dense (it crashed with "'IndexedSlices' object has no
