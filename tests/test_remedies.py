@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 import keras_das
+from configs import cifar
 from keras_das import MixedOp
 from keras_das.engine import remedies
 from keras_das.space import latency
@@ -175,3 +176,74 @@ def test_search_network_tables_cover_every_cell():
         tables[f"{net.name}/reduce"][:, 1], [8000 + 20 + 4 + 4000 + 20 + 8] * 2
     )
     assert set(tables) == set(relaxations.model_mixing_weights(net))
+
+
+def _cifar_config():
+    return cifar.get_config()
+
+
+def test_plan_of_the_default_section_switches_nothing_on():
+    plan = remedies.plan(_cifar_config().remedies, epochs=50)
+    assert plan.network_options == {
+        "partial_channels": 1,
+        "edge_normalization": False,
+        "aux_skip": False,
+        "genotype_max_skips": None,
+        "genotype_min_param_ops": 0,
+    }
+    assert (plan.frozen_epochs, plan.freezable_arch, plan.perturbation_batches) == (0, False, 0)
+    assert plan.gap_report_batches == 20  # the report is on by default
+    assert plan.penalties() == [] and plan.callbacks() == []
+    assert plan.latency_tables(None, (32, 32, 3)) is None
+
+
+def test_plan_translates_each_switch():
+    section = _cifar_config().remedies
+    for name in ("skip_cap", "param_paths", "aux_skip", "warmup", "partial_channels"):
+        section[name].enabled = True
+    for name in ("l1", "early_stop", "perturbation"):
+        section[name].enabled = True
+    section.warmup.epochs, section.partial_channels.k, section.perturbation.batches = 3, 2, 5
+    section.temperature.schedule, section.temperature.end = "linear", 0.5
+    section.gap_report.enabled = False
+    plan = remedies.plan(section, epochs=10)
+    assert plan.network_options == {
+        "partial_channels": 2,
+        "edge_normalization": True,
+        "aux_skip": True,
+        "genotype_max_skips": 2,
+        "genotype_min_param_ops": 1,
+    }
+    assert (plan.frozen_epochs, plan.freezable_arch, plan.perturbation_batches) == (3, True, 5)
+    assert plan.gap_report_batches is None
+    assert [p.__name__ for p in plan.penalties()] == ["l1_penalty"]
+    history = object()
+    callbacks = plan.callbacks(history)
+    assert [type(c).__name__ for c in callbacks] == [
+        "TemperatureSchedule",
+        "AuxiliarySkipSchedule",
+        "ArchWarmup",
+        "EarlyStopSearch",
+    ]
+    assert callbacks[0].epochs == 10 and callbacks[-1].history is history
+
+
+@pytest.mark.parametrize(
+    "field,value,relaxation,message",
+    [
+        ("temperature.schedule", "cosine", "softmax", r"config.remedies.temperature.schedule: "),
+        ("zero_one.enabled", True, "softmax", r"config.remedies.zero_one acts on sigmoid"),
+        ("partial_channels.k", 0, "softmax", r"config.remedies.partial_channels.k must be a"),
+        ("perturbation.batches", -1, "softmax", r"config.remedies.perturbation.batches must"),
+        ("warmup.epochs", -2, "softmax", r"config.remedies.warmup.epochs must be >= 0"),
+        ("latency.table", "/no/such.json", "softmax", r"latency.table='/no/such.json' does"),
+    ],
+)
+def test_plan_names_the_bad_field(field, value, relaxation, message):
+    section = _cifar_config().remedies
+    group, key = field.split(".")
+    section[group][key] = value
+    if group in ("partial_channels", "perturbation", "warmup") and key != "enabled":
+        section[group].enabled = True
+    with pytest.raises(ValueError, match=message):
+        remedies.plan(section, epochs=10, relaxation=relaxation)
