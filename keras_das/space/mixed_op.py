@@ -156,13 +156,7 @@ class MixedOp(layers.Layer):
                     stddev=variables.ALPHA_STDDEV, seed=self.seed
                 )
             self.alpha = variables.add_arch_weight(self, "alpha", (size,), initializer)
-            self.temperature = self.add_weight(
-                name="temperature",
-                shape=(),
-                initializer=keras.initializers.Constant(self.initial_temperature),
-                trainable=False,
-                autocast=False,  # float32 beside the alphas (see add_arch_weight)
-            )
+            self.temperature = variables.add_temperature(self, self.initial_temperature)
 
     def _complete(self, ops, shapes, input_shape):
         """Zeros for the ``none`` candidates (``ops[i]`` None), and the channel adapters of

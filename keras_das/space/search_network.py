@@ -287,13 +287,7 @@ class SearchNetwork(keras.Model):
         self.alpha_reduce = variables.add_arch_weight(
             self, "alpha_reduce", (edges, size), seed=None if seed is None else seed + 1
         )
-        self.temperature = self.add_weight(
-            name="temperature",
-            shape=(),
-            initializer=keras.initializers.Constant(self.initial_temperature),
-            trainable=False,
-            autocast=False,  # float32 beside the alphas (see add_arch_weight)
-        )
+        self.temperature = variables.add_temperature(self, self.initial_temperature)
         if self.edge_normalization:  # PC-DARTS: one beta per edge, softmax per node
             self.beta_normal = variables.add_arch_weight(self, "beta_normal", (edges,), seed=seed)
             self.beta_reduce = variables.add_arch_weight(self, "beta_reduce", (edges,), seed=seed)

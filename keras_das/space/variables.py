@@ -32,6 +32,18 @@ def add_arch_weight(layer: keras.layers.Layer, name: str, shape, initializer=Non
     return variable
 
 
+def add_temperature(layer: keras.layers.Layer, value: float):
+    """Creates the relaxation's temperature on ``layer``: a non-trainable scalar that
+    schedules assign, read as float32 beside the alphas (not autocast)."""
+    return layer.add_weight(
+        name="temperature",
+        shape=(),
+        initializer=keras.initializers.Constant(value),
+        trainable=False,
+        autocast=False,
+    )
+
+
 def is_arch_variable(variable) -> bool:
     return getattr(variable, _ARCH_TAG, False)
 
