@@ -65,7 +65,18 @@ class Experiment:
             logging.info("Resuming %s after epoch %d", self.workdir, initial_epoch)
         return initial_epoch
 
-    def fit(self, model, dataset, steps: int, initial_epoch: int, callbacks, **kwargs) -> dict:
+    def fit(
+        self,
+        model,
+        dataset,
+        steps: int,
+        initial_epoch: int,
+        callbacks,
+        *,
+        optimizers: dict | None = None,
+        checkpoint_every_epochs: int = 1,
+        **fit_kwargs,
+    ) -> dict:
         """``model.fit`` from ``initial_epoch`` to ``config.epochs``; returns the last
         epoch's metrics.
 
@@ -78,15 +89,13 @@ class Experiment:
                 the last good checkpoint, which is kept).
         """
         before, after = callbacks
-        optimizers = kwargs.pop("optimizers", {})
-        every = kwargs.pop("checkpoint_every_epochs", 1)
-        epochs = self.config.epochs
+        every, epochs = checkpoint_every_epochs, self.config.epochs
         nan_guard = callbacks_lib.NaNGuard(steps)
         callbacks = [
             nan_guard,
             *before,
             callbacks_lib.CheckpointEveryEpoch(self.checkpoint, epochs, every, nan_guard),
-            callbacks_lib.LearningRateLogger(optimizers),
+            callbacks_lib.LearningRateLogger(optimizers or {}),
             *(after if self.chief else ()),
         ]
         if self.chief:
@@ -98,7 +107,7 @@ class Experiment:
             epochs=epochs,
             initial_epoch=initial_epoch,
             callbacks=callbacks,
-            **kwargs,
+            **fit_kwargs,
         )
         if nan_guard.failure is not None:
             raise FloatingPointError(nan_guard.message(self._shared.latest()))

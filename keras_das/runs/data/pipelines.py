@@ -65,7 +65,8 @@ class _Data:
         self.steps_per_epoch: int = min(sizes.values()) // self.batch_size
 
     def _split_sizes(self) -> dict[str, int]:
-        raise NotImplementedError
+        """The sizes of the splits the training streams draw from (each subclass's own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _split_sizes()")
 
     def _training_stream(self, start, stop, stream, seed, initial_epoch, epochs):
         """Examples ``[start, stop)`` of the train split as a training stream."""
@@ -187,11 +188,7 @@ def search_datasets(
     Raises:
         ValueError: a bad config value or a batch larger than a split.
     """
-    config.check_config(data_config)
-    _check_epochs(initial_epoch, epochs)  # before a TFDS dataset is downloaded
-    search = SearchData(_with_batch_size(data_config, global_batch_size), seed)
-    train_ds, val_ds = search.streams(initial_epoch, epochs)
-    return train_ds, val_ds, search.info, search.steps_per_epoch
+    return _one_use(SearchData, data_config, global_batch_size, seed, initial_epoch, epochs)
 
 
 def train_datasets(
@@ -216,11 +213,16 @@ def train_datasets(
     Raises:
         ValueError: a bad config value or a batch larger than the train split.
     """
+    return _one_use(TrainData, data_config, global_batch_size, seed, initial_epoch, epochs)
+
+
+def _one_use(data_class, data_config, global_batch_size, seed, initial_epoch, epochs):
+    """``data_class(...)`` opened for one use: its two streams, info and steps."""
     config.check_config(data_config)
     _check_epochs(initial_epoch, epochs)  # before a TFDS dataset is downloaded
-    train = TrainData(_with_batch_size(data_config, global_batch_size), seed)
-    train_ds, test_ds = train.streams(initial_epoch, epochs)
-    return train_ds, test_ds, train.info, train.steps_per_epoch
+    data = data_class(_with_batch_size(data_config, global_batch_size), seed)
+    first, second = data.streams(initial_epoch, epochs)
+    return first, second, data.info, data.steps_per_epoch
 
 
 def _with_batch_size(data_config: Any, batch_size: int) -> ml_collections.ConfigDict:
