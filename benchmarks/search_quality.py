@@ -117,7 +117,7 @@ PRESETS = {
             "second_order": (0, 1),
             "exact": (0, 1),
             "first_order+remedies": (0, 1),
-            "first_order+perturbation": (0, 1),
+            "first_order+perturbation": (0, 1, 2),
         },
         random=10,
         retrain=(

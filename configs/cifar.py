@@ -19,6 +19,7 @@ Presets:
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from keras_das.runs import data
 from keras_das.runs import distribution
@@ -52,6 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "op_names": tuple(DARTS_OPS),
             "relaxation": "softmax",
             "temperature": 1.0,
+            # Search your own Keras model instead of the DARTS cells: "package.module:fn" or
+            # "path/to/file.py:fn", fn(info: DatasetInfo) -> keras.Model with MixedOps,
+            # logits on the last axis (op_names ... temperature above are then unused).
+            "builder": config_dict.placeholder(str),
         }
     )
     # Weights: SGD with momentum, lr cosine-annealed to lr_min over the epochs.
@@ -73,6 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.distribution = distribution.default_config()
     config.remedies = _remedies()
+    # A user model's search (model.builder) exports its discretized model for TF Serving.
+    config.export = ml_collections.ConfigDict({"enabled": True, "tflite": False})
 
     if preset in ("smoke", "cifar_smoke"):
         config.epochs = 3

@@ -1,6 +1,7 @@
 """Retraining a genotype from scratch on CIFAR-10 with the DARTS paper's recipe.
 
-Run (``genotype`` is a name such as DARTS_V2 or the genotype.json a search wrote):
+Run (``genotype`` is a name such as DARTS_V2 or the genotype.json a search wrote; or
+``--config.model.keras_file=DIR/chosen.keras``, the model a search of your own model chose):
 
     python -m keras_das.train --config=configs/cifar_train.py \\
         --config.genotype=DIR/genotype.json --workdir=/tmp/train
@@ -18,6 +19,7 @@ Presets:
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from keras_das.runs import data
 from keras_das.runs import distribution
@@ -47,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "auxiliary_weight": 0.4,
             "drop_path": 0.2,  # final rate, ramped linearly with the epochs
             "stem_multiplier": 3,
+            # Instead of config.genotype: the architecture of a .keras model (the
+            # chosen.keras of a search with model.builder), retrained with fresh weights.
+            "keras_file": config_dict.placeholder(str),
         }
     )
     # SGD with momentum, lr cosine-annealed to lr_min over the epochs.

@@ -11,6 +11,17 @@ images by mean IoU, next to predicting background everywhere.
 
     python examples/segmentation.py                      # about 2 minutes on 2 CPU cores
     python examples/segmentation.py --architect=second_order --epochs=12
+
+The same supernet searched by the search binary (checkpoints and resume, TensorBoard, the
+alpha history, the gap report, ``chosen.keras`` and its TF Serving export), with ``source``
+and ``build`` below as its data and its model, then retrained from scratch:
+
+    python -m keras_das.search --config=configs/cifar.py:smoke --workdir=/tmp/seg \
+        --config.data.name=examples/segmentation.py:source --config.data.augment=False \
+        --config.model.builder=examples/segmentation.py:build
+    python -m keras_das.train --config=configs/cifar_train.py:smoke --workdir=/tmp/seg_train \
+        --config.data.name=examples/segmentation.py:source --config.data.augment=False \
+        --config.model.keras_file=/tmp/seg/chosen.keras
 """
 
 import argparse
@@ -21,6 +32,7 @@ import tensorflow as tf
 from keras import layers
 
 import keras_das
+from keras_das.runs import data
 
 CANDIDATES = ("conv_3x3", "conv_5x5", "sep_conv_3x3", "max_pool_3x3", "avg_pool_3x3")
 NUM_CLASSES = 3  # background, rectangle, disc
@@ -48,9 +60,9 @@ def make_shapes(n: int, size: int, rng: np.random.Generator):
     return images, masks
 
 
-def build_supernet(size: int, width: int) -> keras.Model:
+def build_supernet(size: int, width: int, channels: int = 1) -> keras.Model:
     """A U-Net-like supernet: a MixedOp at full, half and quarter resolution and one decoding."""
-    inputs = keras.Input((size, size, 1))
+    inputs = keras.Input((size, size, channels))
     x = layers.Conv2D(width, 3, padding="same", activation="relu")(inputs)
     full = keras_das.MixedOp(CANDIDATES, name="enc_full")(x)
     x = layers.Conv2D(2 * width, 3, strides=2, padding="same", activation="relu")(full)
@@ -61,6 +73,58 @@ def build_supernet(size: int, width: int) -> keras.Model:
     x = layers.Conv2D(width, 3, padding="same", activation="relu")(layers.UpSampling2D()(x))
     x = keras_das.MixedOp(CANDIDATES, name="dec_full")(layers.Concatenate()([x, full]))
     return keras.Model(inputs, layers.Conv2D(NUM_CLASSES, 1)(x), name="seg_supernet")
+
+
+# -- For the binaries: the shapes as a dataset, and the supernet for its DatasetInfo --------
+
+BINARY_IMAGE_SIZE = 32
+BINARY_WIDTH = 8
+
+
+def source(data_config) -> data.Source:
+    """The shapes as a dataset the binaries read (``--config.data.name=...:source``).
+
+    ``data.num_examples`` / ``num_test_examples`` images (default 1000 / 500) of
+    ``BINARY_IMAGE_SIZE`` pixels, drawn with ``data.synthetic_seed``; images as uint8 (the
+    noisy [-0.5, 1.5] range mapped to [0, 255]) and a class per pixel.
+    """
+    sizes = {
+        "train": data_config.num_examples or 1000,
+        "test": data_config.num_test_examples or 500,
+    }
+    splits = {}
+    for i, (split, n) in enumerate(sizes.items()):
+        rng = np.random.default_rng([data_config.synthetic_seed, i])
+        images, masks = make_shapes(n, BINARY_IMAGE_SIZE, rng)
+        images = np.round(np.clip((images + 0.5) / 2.0, 0.0, 1.0) * 255).astype(np.uint8)
+        splits[split] = (images, masks)
+    pixels = splits["train"][0] / 255.0
+    info = data.DatasetInfo(
+        name="segmentation_shapes",
+        num_classes=NUM_CLASSES,
+        image_shape=(BINARY_IMAGE_SIZE, BINARY_IMAGE_SIZE, 1),
+        mean=(float(pixels.mean()),),
+        std=(float(pixels.std()),),
+        num_train=sizes["train"],
+        num_test=sizes["test"],
+        label_shape=(BINARY_IMAGE_SIZE, BINARY_IMAGE_SIZE),
+    )
+
+    def read(split, start, stop):
+        images, masks = splits[split]
+        return tf.data.Dataset.from_tensors((images[start:stop], masks[start:stop]))
+
+    return data.Source(info, read)
+
+
+def build(info: data.DatasetInfo) -> keras.Model:
+    """The supernet for a dataset (``--config.model.builder=...:build``): logits per pixel."""
+    height, width, channels = info.image_shape
+    if height != width or height % 4:
+        raise ValueError(
+            f"build expects square images of a side divisible by 4, got {info.image_shape}"
+        )
+    return build_supernet(height, BINARY_WIDTH, channels)
 
 
 def mean_iou(masks: np.ndarray, predicted: np.ndarray) -> float:
@@ -112,8 +176,8 @@ def main(argv=None) -> dict:
         metrics=["accuracy"],
         architect=args.architect,
     )
-    data, steps = keras_das.pair_datasets(train, val)
-    search.fit(data, steps_per_epoch=steps, epochs=args.epochs, verbose=2)
+    paired, steps = keras_das.pair_datasets(train, val)
+    search.fit(paired, steps_per_epoch=steps, epochs=args.epochs, verbose=2)
 
     chosen = {}
     for mix in supernet.layers:

@@ -63,6 +63,7 @@ SEARCH_DEFAULT = {
         "op_names": DARTS_OPS,
         "relaxation": "softmax",
         "temperature": 1.0,
+        "builder": None,  # the DARTS cells, not a user model
     },
     "optimizer": {
         "lr": 0.025,
@@ -81,6 +82,7 @@ SEARCH_DEFAULT = {
     },
     "distribution": DISTRIBUTION,
     "remedies": REMEDIES,
+    "export": {"enabled": True, "tflite": False},  # a user model's chosen network
 }
 RETRAIN_DEFAULT = {
     "seed": 0,
@@ -96,6 +98,7 @@ RETRAIN_DEFAULT = {
         "auxiliary_weight": 0.4,
         "drop_path": 0.2,
         "stem_multiplier": 3,
+        "keras_file": None,  # the genotype, not a .keras architecture
     },
     "optimizer": {
         "lr": 0.025,

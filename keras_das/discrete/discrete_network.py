@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import layers
 
-from keras_das.engine import updates
+from keras_das.discrete import training
 from keras_das.space import genotype as genotype_lib
 from keras_das.space import primitives
 from keras_das.space import topology
@@ -174,7 +173,7 @@ class AuxiliaryHead(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
-class DiscreteNetwork(keras.Model):
+class DiscreteNetwork(training.DartsUpdates, keras.Model):
     """The network a genotype describes (DARTS ``NetworkCIFAR``), for retraining.
 
     Args:
@@ -282,60 +281,6 @@ class DiscreteNetwork(keras.Model):
                 aux_logits = self.auxiliary_head(s1, training=training)
         logits = self.classifier(self.global_pool(s1))
         return logits if aux_logits is None else (logits, aux_logits)
-
-    def compile(self, *args, weight_decay: float = 0.0, grad_clip: float | None = None, **kwargs):
-        """``keras.Model.compile`` plus the DARTS update rule.
-
-        Args:
-            weight_decay: L2 decay coupled into the gradient (``g + wd * w``, PyTorch SGD's
-                ``weight_decay``; 3e-4 in DARTS), not Keras's decoupled ``weight_decay``.
-            grad_clip: clip the global norm of the gradients summed over replicas (5 in
-                DARTS), not Keras's per-replica ``global_clipnorm``.
-        """
-        optimizer = kwargs.get("optimizer", args[0] if args else None)
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            updates.check_optimizer("optimizer", optimizer)
-        self.weight_decay = float(weight_decay)
-        self.grad_clip = grad_clip
-        super().compile(*args, **kwargs)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Under a tf.distribute strategy Keras pulls one batch from the training iterator
-        # (which is then never trained on) to build the model symbolically, and its
-        # reduction of that batch fails under MultiWorkerMirroredStrategy. This model is
-        # built before it is compiled, so there is nothing to build.
-        if self.built and self.compiled:
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config:
-            config.update(weight_decay=self.weight_decay, grad_clip=self.grad_clip)
-        return config
-
-    def compile_from_config(self, config):
-        # Keras skips models whose compile() is overridden; this one takes Keras's config.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:  # so that the saved optimizer state can be loaded into it
-            self.optimizer.build(self.trainable_variables)
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x, y, y_pred, sample_weight, training=True)
-        grads = tape.gradient(loss, self.trainable_variables)
-        updates.apply_gradients(
-            self.optimizer, grads, self.trainable_variables, self.weight_decay, self.grad_clip
-        )
-        for metric in self.metrics:  # as in the Keras guide to customising fit()
-            if metric.name == "loss":
-                metric.update_state(loss * updates.num_replicas())
-        return updates.mean_over_replicas(self.compute_metrics(x, y, y_pred, sample_weight))
-
-    def test_step(self, data):
-        return updates.mean_over_replicas(super().test_step(data))
 
     # The auxiliary head adds to the loss only; metrics see the main logits.
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -13,6 +13,7 @@ from keras_das import io_utils
 from keras_das.runs import plot
 from keras_das.space import relaxations
 from keras_das.space import topology
+from keras_das.space import variables
 
 
 class MixingWeightsHistory(keras.callbacks.Callback):
@@ -234,3 +235,50 @@ class SearchArtifacts(keras.callbacks.Callback):
                         tag = f"mixing_weights/{cell}/{label.replace('->', '_to_')}/{op}"
                         tf.summary.scalar(tag, weights[e, o], step=step)
         self._writer.flush()
+
+
+class MixedOpArtifacts(keras.callbacks.Callback):
+    """Writes what a search of a user's model produces after every epoch, each file
+    atomically: ``alphas/<MixedOp>.png`` (each MixedOp's mixing weights over epochs, from a
+    ``MixingWeightsHistory``) and the TensorBoard scalars ``mixing_weights/<MixedOp>/<op>``
+    under ``tensorboard_dir``.
+
+    Args:
+        workdir: the output folder.
+        history: the ``MixingWeightsHistory`` of the run.
+        tensorboard_dir: where to write the mixing-weight summaries (None: not written).
+    """
+
+    def __init__(
+        self, workdir: str, history: MixingWeightsHistory, tensorboard_dir: str | None = None
+    ):
+        super().__init__()
+        self.workdir = workdir
+        self.history = history
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        owners = {
+            owner.name: owner
+            for owner in variables.arch_owners(self.history.supernet)
+            if hasattr(owner, "candidate_names")
+        }
+        for name, owner in owners.items():
+            weights = self.history.weights.get(name)
+            if weights:
+                plot.plot_weight_history(
+                    [np.reshape(w, (1, -1)) for w in weights],
+                    owner.candidate_names,
+                    os.path.join(self.workdir, "alphas", f"{name}.png"),
+                    [name],
+                    title=f"{name}: mixing weights by epoch",
+                )
+        if self.tensorboard_dir:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+            with self._writer.as_default():
+                for name, owner in owners.items():
+                    for op, w in zip(owner.candidate_names, self.history.weights[name][-1]):
+                        tf.summary.scalar(f"mixing_weights/{name}/{op}", w, step=epoch + 1)
+            self._writer.flush()

@@ -107,6 +107,7 @@ class Experiment:
             epochs=epochs,
             initial_epoch=initial_epoch,
             callbacks=callbacks,
+            shuffle=False,  # the pipelines shuffle (deterministically, by epoch)
             **fit_kwargs,
         )
         if nan_guard.failure is not None:

@@ -1,10 +1,12 @@
 """The discretisation-gap report: how much a search loses when its supernet becomes discrete.
 
 The supernet is evaluated on the search-val split; then the derived architecture with the
-weights it inherits: the supernet itself with one-hot mixing weights on the chosen
-(edge, op) pairs and zero on every other edge. Its batch-norm statistics were gathered
-under the mixture, so they are recalibrated first (averaged over training batches, no
-gradient steps). The supernet's own statistics are restored afterwards.
+weights it inherits. For the DARTS cells (``report``) that is the supernet itself with
+one-hot mixing weights on the chosen (edge, op) pairs and zero on every other edge; for a
+user's model (``model_report``) it is its ``keras_das.discretize`` copy. Batch-norm
+statistics were gathered under the mixture, so they are recalibrated first (averaged over
+training batches, no gradient steps); the supernet's own statistics are restored afterwards.
+Accuracy is top-1 over the last axis, per example or per pixel.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ def _batch_norms(model):
 def accuracy(net, dataset, steps: int, mixing_weights=None) -> float:
     """Top-1 accuracy of ``net`` (inference mode) over ``steps`` batches of ``dataset``."""
 
+    kwargs = {} if mixing_weights is None else {"mixing_weights": mixing_weights}
+
     @tf.function
     def predict(x):
-        return net(x, training=False, mixing_weights=mixing_weights)
+        return net(x, training=False, **kwargs)
 
     correct = total = 0
     for x, y in dataset.take(steps):
         pred = np.argmax(predict(x).numpy(), axis=-1)
         correct += int(np.sum(pred == y.numpy()))
-        total += len(pred)
+        total += pred.size  # examples, or pixels of a dense prediction
     return correct / max(total, 1)
 
 
@@ -50,9 +54,11 @@ def recalibrate_batch_norm(net, dataset, steps: int, mixing_weights=None) -> Non
     for bn in bns:
         bn.momentum = 0.0  # each call leaves that batch's statistics in the moving variables
 
+    kwargs = {} if mixing_weights is None else {"mixing_weights": mixing_weights}
+
     @tf.function
     def forward(x):
-        net(x, training=True, mixing_weights=mixing_weights)
+        net(x, training=True, **kwargs)
 
     sums = (
         [np.zeros(bn.moving_mean.shape) for bn in bns],
@@ -72,6 +78,48 @@ def recalibrate_batch_norm(net, dataset, steps: int, mixing_weights=None) -> Non
     for i, bn in enumerate(bns):
         bn.moving_mean.assign(sums[0][i] / count)
         bn.moving_variance.assign(sums[1][i] / count)
+
+
+def model_report(
+    supernet,
+    chosen,
+    train_ds,
+    val_ds,
+    steps: int,
+    input_shape,
+    recalibration_steps: int = 20,
+    latency_repeats: int = 30,
+) -> dict:
+    """Supernet vs its discretized copy on the search-val split, and the copy's cost.
+
+    Args:
+        supernet: the user's model with MixedOps.
+        chosen: ``keras_das.discretize(supernet)``, with the weights it inherits; its
+            batch norms are recalibrated here (it is a copy: the supernet is untouched).
+        train_ds, val_ds: ``(x, y)`` batch streams (search-train, search-val).
+        steps: validation batches to evaluate.
+        input_shape: one example's input shape.
+        recalibration_steps: training batches for the batch-norm recalibration.
+        latency_repeats: timed inferences for the latency (median).
+    """
+    supernet_acc = accuracy(supernet, val_ds, steps)
+    if _batch_norms(chosen):
+        recalibrate_batch_norm(chosen, train_ds, recalibration_steps)
+    chosen_acc = accuracy(chosen, val_ds, steps)
+    return {
+        "supernet_val_accuracy": supernet_acc,
+        "derived_val_accuracy_inherited_weights": chosen_acc,
+        "gap": supernet_acc - chosen_acc,
+        "val_batches": steps,
+        "bn_recalibration_batches": recalibration_steps if _batch_norms(chosen) else 0,
+        "derived_network": {
+            "parameters": variables.count_weights(chosen.trainable_variables),
+            "flops": count_flops(chosen, input_shape),
+            "latency_ms": latency_lib.network_latency(chosen, input_shape, 1, latency_repeats),
+            "latency_batch_size": 1,
+            "device": latency_lib.device_key(),
+        },
+    }
 
 
 def count_flops(model, input_shape) -> int:

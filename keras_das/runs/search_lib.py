@@ -1,6 +1,8 @@
 """An architecture search from a config to a workdir (what ``python -m keras_das.search`` runs).
 
-Workdir outputs, each written atomically:
+What is searched is the DARTS cell space, or the user's own Keras model with MixedOps
+(``--config.model.builder=package.module:function``); ``keras_das.runs.spaces`` holds the
+two. Workdir outputs of a cell search, each written atomically:
 
     config.json                the resolved config
     genotype.json              the derived genotype, written when the search ends
@@ -11,16 +13,19 @@ Workdir outputs, each written atomically:
     tensorboard/               losses, accuracies, learning rates, per-edge mixing weights
     checkpoints/               everything needed to resume (see keras_das.runs.checkpoint)
     search_summary.json        final metrics, wall time, the genotype
+    gap_report.json            supernet vs the derived network (remedies.gap_report)
+
+A user model's search writes ``chosen.json`` (each MixedOp's op), ``chosen.keras`` (the
+discretized model, with the weights it inherits), ``export/1/`` (it, for TF Serving) and
+``alphas/<MixedOp>.png`` instead of the genotype files; its ``alpha_history.json`` and
+TensorBoard mixing weights are per MixedOp, by name.
 
 Running the same command again on the same workdir resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
-import collections
 import json
-import logging
-import math
 import os
 import time
 
@@ -29,7 +34,6 @@ import keras
 from keras_das import io_utils
 from keras_das.engine import architect as architect_lib
 from keras_das.engine import remedies as remedies_lib
-from keras_das.engine import selection
 from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.engine.search_model import SearchModel
 from keras_das.engine.search_model import pair_datasets
@@ -38,11 +42,9 @@ from keras_das.runs import config_fields
 from keras_das.runs import data
 from keras_das.runs import distribution
 from keras_das.runs import experiment
-from keras_das.runs import gap_report
+from keras_das.runs import spaces
 from keras_das.space import primitives
 from keras_das.space import relaxations
-from keras_das.space.genotype import Genotype
-from keras_das.space.search_network import SearchNetwork
 
 
 def validate_config(config) -> remedies_lib.RemedyPlan:
@@ -116,23 +118,17 @@ def _check_sizes(config) -> None:
 
 
 def build_search_model(
-    config, info: data.DatasetInfo, steps_per_epoch: int, remedies: remedies_lib.RemedyPlan
+    config,
+    info: data.DatasetInfo,
+    steps_per_epoch: int,
+    remedies: remedies_lib.RemedyPlan,
+    space=None,
 ) -> SearchModel:
     """The supernet and its SearchModel, compiled as the config says (call under the
-    strategy); ``remedies`` is the config's ``RemedyPlan`` (``validate_config`` returns it)."""
-    net = SearchNetwork(
-        num_classes=info.num_classes,
-        channels=config.model.channels,
-        num_cells=config.model.num_cells,
-        steps=config.model.steps,
-        multiplier=config.model.multiplier,
-        stem_multiplier=config.model.stem_multiplier,
-        op_names=tuple(config.model.op_names),
-        relaxation=config.model.relaxation,
-        temperature=config.model.temperature,
-        seed=config.seed,
-        **remedies.network_options,
-    )
+    strategy); ``remedies`` is the config's ``RemedyPlan`` (``validate_config`` returns it)
+    and ``space`` what is searched (default: ``spaces.from_config``)."""
+    space = space or spaces.from_config(config, remedies)
+    net = space.build(info)
     search = SearchModel(net)
     search.build((None, *info.image_shape))
     lr = EpochCosineDecay(
@@ -152,7 +148,7 @@ def build_search_model(
         weight_decay=config.optimizer.weight_decay,
         arch_weight_decay=config.arch.weight_decay,
         grad_clip=config.optimizer.grad_clip,
-        arch_penalties=remedies.penalties(remedies.latency_tables(net, info.image_shape)),
+        arch_penalties=remedies.penalties(space.latency_tables(net, info.image_shape)),
         freezable_arch=remedies.freezable_arch,
         jit_compile=config.jit_compile,
         steps_per_execution=config.steps_per_execution,
@@ -187,11 +183,14 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         FloatingPointError: the loss became NaN (the last good checkpoint is kept).
     """
     remedies = validate_config(config)
+    space = spaces.from_config(config, remedies)  # a user model's builder is imported here
     exp = experiment.Experiment.start(config, workdir)
     search_data = data.SearchData(config.data, config.seed)  # a bad dataset fails here
     exp.open_workdir()
     with exp.strategy.scope():
-        search = build_search_model(config, search_data.info, search_data.steps_per_epoch, remedies)
+        search = build_search_model(
+            config, search_data.info, search_data.steps_per_epoch, remedies, space
+        )
     initial_epoch = exp.restore(
         {
             "supernet": search.supernet,
@@ -202,20 +201,9 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     start = time.time()
     summary = {"epochs": config.epochs, "resumed_from_epoch": initial_epoch}
     history = search_history(exp, initial_epoch)
-    summary.update(fit(exp, search, search_data, remedies, history, initial_epoch, verbose))
+    summary.update(fit(exp, search, search_data, remedies, space, history, initial_epoch, verbose))
     summary["wall_time_s"] = time.time() - start
-    genotype = history.genotype or search.supernet.genotype()  # after the last epoch run here
-    if remedies.perturbation_batches:
-        summary["argmax_genotype"] = genotype.to_dict()
-        selection_start = time.time()
-        genotype = select_by_perturbation(search_data, search.supernet, remedies)
-        summary["perturbation_selection_s"] = time.time() - selection_start
-    if remedies.gap_report_batches is not None and exp.chief:
-        summary["gap_report"] = write_gap_report(search, genotype, search_data, remedies, workdir)
-    summary.update(decision(search, genotype, len(config.model.op_names)))
-    logging.info("%s", describe(summary))
-    if exp.chief:
-        genotype.save(os.path.join(workdir, "genotype.json"))
+    summary.update(space.finish(exp, search, search_data, history))
     exp.write_summary("search_summary.json", summary)
     return summary
 
@@ -233,7 +221,7 @@ def search_history(exp, initial_epoch: int) -> callbacks_lib.MixingWeightsHistor
     return callbacks_lib.MixingWeightsHistory(path if exp.chief else None, initial=previous)
 
 
-def fit(exp, search, search_data, remedies, history, initial_epoch: int, verbose) -> dict:
+def fit(exp, search, search_data, remedies, space, history, initial_epoch: int, verbose) -> dict:
     """Runs the search's epochs from ``initial_epoch``; returns the summary's entries
     (final metrics, and DARTS+'s early stop when it stopped the search)."""
     config, out = exp.config, {}
@@ -245,7 +233,7 @@ def fit(exp, search, search_data, remedies, history, initial_epoch: int, verbose
         steps = search_data.steps_per_epoch
         remedy_callbacks = remedies.callbacks(history)
         tensorboard = os.path.join(exp.workdir, "tensorboard")
-        artifacts = callbacks_lib.SearchArtifacts(
+        artifacts = space.artifacts(
             exp.workdir, history, os.path.join(tensorboard, "mixing_weights")
         )
         out["final_metrics"] = exp.fit(
@@ -272,64 +260,3 @@ def fit(exp, search, search_data, remedies, history, initial_epoch: int, verbose
         with open(early_stop_path) as f:
             out["early_stop"] = json.load(f)
     return out
-
-
-def decision(search, genotype: Genotype, num_ops: int) -> dict:
-    """The summary's account of what the search decided: the genotype, its skips, the
-    alphas and each cell's mixing entropy (against the uniform mix's)."""
-    return {
-        "genotype": genotype.to_dict(),
-        "skip_connections": {c: genotype.count("skip_connect", c) for c in ("normal", "reduce")},
-        "alphas": {a.path: a.numpy().tolist() for a in search.arch_vars},
-        "mixing_entropy": {
-            name: float(relaxations.entropy(w))
-            for name, w in relaxations.model_mixing_weights(search.supernet).items()
-        },
-        "max_mixing_entropy": math.log(num_ops),
-    }
-
-
-def describe(summary: dict) -> str:
-    """What a search decided, in words: each cell's mixing entropy and the ops it chose."""
-    genotype = Genotype.from_dict(summary["genotype"])
-    uniform = summary["max_mixing_entropy"]
-    lines = [f"Search result (mixing entropy, mean over edges in nats; uniform: {uniform:.4f}):"]
-    for name, value in summary["mixing_entropy"].items():
-        lines.append(f"  {name}: entropy {value:.4f}")
-    for cell in ("normal", "reduce"):
-        counts = collections.Counter(op for op, _ in getattr(genotype, cell))
-        chosen = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
-        lines.append(f"  {cell} cell chose: {chosen}")
-    return "\n".join(lines)
-
-
-def select_by_perturbation(search_data, net, remedies) -> Genotype:
-    """DARTS-PT's selection (``keras_das.engine.selection``) on search-val batches (drawn
-    with the next seed, as the gap report's)."""
-    _, val = search_data.streams(seed=search_data.seed + 1)
-    batches = list(val.take(remedies.perturbation_batches))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return selection.perturbation_genotype(net, batches, loss)
-
-
-def write_gap_report(search, genotype, search_data, remedies, workdir) -> dict:
-    """Writes ``gap_report.json``: supernet vs derived network, and the derived net's cost."""
-    train, val = search_data.streams(seed=search_data.seed + 1)
-    steps, info = search_data.steps_per_epoch, search_data.info
-    result = gap_report.report(
-        search,
-        genotype,
-        train,
-        val,
-        steps,
-        info.image_shape,
-        info.num_classes,
-        recalibration_steps=min(remedies.gap_report_batches, steps),
-    )
-    tables = remedies.latency_tables(search.supernet, info.image_shape)
-    if tables is not None:
-        result["expected_latency_ms"] = remedies_lib.expected_latency(search.supernet, tables)
-    io_utils.atomic_write_text(
-        os.path.join(workdir, "gap_report.json"), json.dumps(result, indent=2) + "\n"
-    )
-    return result

@@ -1,9 +1,11 @@
-"""Retraining a genotype from scratch (what ``python -m keras_das.train`` runs).
+"""Retraining a genotype from scratch (what ``python -m keras_das.train`` runs), or the
+architecture of a ``.keras`` model (``--config.model.keras_file``, e.g. the ``chosen.keras``
+a search of a user's model wrote) with fresh weights.
 
 Workdir outputs, each written atomically:
 
     config.json           the resolved config
-    genotype.json         the genotype trained, genotype.png its picture
+    genotype.json         the genotype trained, genotype.png its picture (not for a keras_file)
     tensorboard/          losses, accuracies, learning rate
     checkpoints/          everything needed to resume
     model.keras           the final network (keras.models.load_model, with keras_das imported)
@@ -22,6 +24,7 @@ import keras
 
 from keras_das import io_utils
 from keras_das.discrete import serving
+from keras_das.discrete import training
 from keras_das.discrete.discrete_network import DiscreteNetwork
 from keras_das.engine.schedules import EpochCosineDecay
 from keras_das.runs import callbacks as callbacks_lib
@@ -45,8 +48,9 @@ def load_genotype(config) -> Genotype:
         raise ValueError(f"config.genotype={config.genotype!r}: {e}") from e
 
 
-def validate_config(config) -> Genotype:
-    """Raises a ValueError naming the field, the bad value and the valid choices."""
+def validate_config(config) -> Genotype | None:
+    """Raises a ValueError naming the field, the bad value and the valid choices; returns
+    the genotype to train (None when ``model.keras_file`` names the architecture)."""
     config_fields.check_field(
         "distribution.strategy", distribution.check_strategy, config.distribution.strategy
     )
@@ -71,6 +75,15 @@ def validate_config(config) -> Genotype:
         raise ValueError(
             f"config.optimizer.grad_clip must be > 0 or None, got {config.optimizer.grad_clip!r}"
         )
+    keras_file = config.model.get("keras_file")
+    if keras_file is not None:
+        if not (str(keras_file).endswith(".keras") and os.path.isfile(keras_file)):
+            raise ValueError(
+                f"config.model.keras_file={keras_file!r} must be an existing .keras file "
+                "(such as the chosen.keras a search of your model wrote), or None to train "
+                "config.genotype"
+            )
+        return None
     return load_genotype(config)
 
 
@@ -80,12 +93,12 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     Returns:
         The summary also written to ``train_summary.json`` (``test_accuracy`` among it).
     """
-    genotype = validate_config(config)
+    genotype = validate_config(config)  # None: config.model.keras_file
     exp = experiment.Experiment.start(config, workdir)
     train_data = data.TrainData(config.data, config.seed)  # a bad dataset fails here
     info = train_data.info
     exp.open_workdir()
-    if exp.chief:
+    if exp.chief and genotype is not None:
         genotype.save(os.path.join(workdir, "genotype.json"))
         plot.plot_genotype(
             genotype, os.path.join(workdir, "genotype.png"), title=str(config.genotype)
@@ -96,7 +109,11 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     train, test = train_data.streams(initial_epoch, config.epochs)
     start = time.time()
     summary = {
-        "genotype": genotype.to_dict(),
+        **(
+            {"genotype": genotype.to_dict()}
+            if genotype is not None
+            else {"keras_file": os.path.abspath(config.model.keras_file)}
+        ),
         "epochs": config.epochs,
         "resumed_from_epoch": initial_epoch,
     }
@@ -106,18 +123,25 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
             train,
             train_data.steps_per_epoch,
             initial_epoch,
-            ([callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs)], []),
+            (
+                [callbacks_lib.DropPathSchedule(config.model.drop_path, config.epochs)]
+                if genotype is not None
+                else [],
+                [],
+            ),
             optimizers={"learning_rate": optimizer},
             verbose=verbose,
         )
     summary["train_wall_time_s"] = time.time() - start
     summary.update(evaluate(net, test, info))
     if exp.chief:
+        # A retrained keras_file is saved as the plain model it is, not inside its trainer.
+        final = net.network if isinstance(net, training.Retraining) else net
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
-            net.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
+            final.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
         if config.export.enabled:
             summary["export"] = serving.export(
-                net,
+                final,
                 os.path.join(workdir, "export"),
                 mean=info.mean,
                 std=info.std,
@@ -128,18 +152,23 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
     return summary
 
 
-def build_network(config, genotype: Genotype, info, steps_per_epoch: int):
-    """The network and its optimizer, compiled as the config says (call under the strategy)."""
-    net = DiscreteNetwork(
-        genotype,
-        num_classes=info.num_classes,
-        channels=config.model.channels,
-        num_cells=config.model.num_cells,
-        auxiliary=config.model.auxiliary,
-        auxiliary_weight=config.model.auxiliary_weight,
-        stem_multiplier=config.model.stem_multiplier,
-        seed=config.seed,
-    )
+def build_network(config, genotype: Genotype | None, info, steps_per_epoch: int):
+    """The network and its optimizer, compiled as the config says (call under the strategy):
+    the genotype's ``DiscreteNetwork``, or (``genotype`` None) the architecture of
+    ``model.keras_file`` with fresh weights, in a ``Retraining``."""
+    if genotype is None:
+        net = training.Retraining(fresh_copy(config.model.keras_file, info))
+    else:
+        net = DiscreteNetwork(
+            genotype,
+            num_classes=info.num_classes,
+            channels=config.model.channels,
+            num_cells=config.model.num_cells,
+            auxiliary=config.model.auxiliary,
+            auxiliary_weight=config.model.auxiliary_weight,
+            stem_multiplier=config.model.stem_multiplier,
+            seed=config.seed,
+        )
     net.build((None, *info.image_shape))
     optimizer = keras.optimizers.SGD(
         EpochCosineDecay(
@@ -159,10 +188,24 @@ def build_network(config, genotype: Genotype, info, steps_per_epoch: int):
     return net, optimizer
 
 
+def fresh_copy(path: str, info) -> keras.Model:
+    """The architecture of the ``.keras`` model at ``path``, with newly initialised weights."""
+    loaded = keras.models.load_model(path, compile=False)
+    shape = tuple(loaded.inputs[0].shape[1:]) if getattr(loaded, "inputs", None) else None
+    if shape is not None and (len(loaded.inputs) != 1 or shape != tuple(info.image_shape)):
+        raise ValueError(
+            f"config.model.keras_file={path!r} takes inputs "
+            f"{[tuple(x.shape) for x in loaded.inputs]}; the dataset {info.name!r} gives "
+            f"image batches (None, {', '.join(map(str, info.image_shape))})"
+        )
+    return keras.models.clone_model(loaded)  # new layers, new initial weights
+
+
 def evaluate(net, test, info) -> dict:
     """The summary's test figures: accuracy and loss, weights, FLOPs and latency."""
     test_loss, test_accuracy = net.evaluate(test, verbose=0)
-    aux = net.auxiliary_head.trainable_variables if net.auxiliary_head is not None else []
+    head = getattr(net, "auxiliary_head", None)
+    aux = head.trainable_variables if head is not None else []
     return dict(
         test_loss=float(test_loss),
         test_accuracy=float(test_accuracy),

@@ -1,7 +1,8 @@
 """Input pipelines for architecture search and retraining.
 
 Any TFDS image-classification dataset works by name (``cifar10``, ``cifar100``, ``mnist``,
-``fashion_mnist``, ...), and ``synthetic`` is a built-in dataset that needs no download.
+``fashion_mnist``, ...), ``synthetic`` is a built-in dataset that needs no download, and
+a user's own source is named as ``"package.module:function"`` (see ``registry``).
 Everything is driven by a ``data`` config section, ``default_config()``.
 
 Modules: ``config`` (the section and its checks), ``source`` (``DatasetInfo``, what a
@@ -24,6 +25,7 @@ from keras_das.runs.data.pipelines import search_datasets
 from keras_das.runs.data.pipelines import train_datasets
 from keras_das.runs.data.registry import get_info
 from keras_das.runs.data.source import DatasetInfo
+from keras_das.runs.data.source import Source
 from keras_das.runs.data.statistics import CACHE_DIR_ENV
 from keras_das.runs.data.statistics import KNOWN_STATS
 from keras_das.runs.data.statistics import STATS_SAMPLE_SIZE

@@ -60,6 +60,12 @@ class _Data:
         self.batch_size = data_config.batch_size
         self._source = registry.open_source(data_config)
         self.info: DatasetInfo = self._source.info
+        if self.info.label_shape and data_config.augment:
+            raise ValueError(
+                f"data.augment=True crops and flips the images of {data_config.name!r} but "
+                f"not their labels of shape {tuple(self.info.label_shape)}; set "
+                "data.augment=False (cutout, which leaves the labels valid, may stay)"
+            )
         sizes = self._split_sizes()
         _check_batch_size(self.batch_size, sizes, data_config)
         self.steps_per_epoch: int = min(sizes.values()) // self.batch_size

@@ -1,7 +1,8 @@
 """What a dataset source hands the pipelines: its ``DatasetInfo`` and its examples.
 
-Every source (``synthetic``, ``tfds_source``) gives each split as one element, all images
-and all labels, so that the pipelines can shuffle and augment by index.
+Every source (``synthetic``, ``tfds_source``, or a user's function named by ``data.name``,
+see ``registry``) gives each split as one element, all images and all labels, so that the
+pipelines can shuffle and augment by index.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class DatasetInfo:
         std: per-channel standard deviation, likewise.
         num_train: examples of the train split in use (after ``num_examples``).
         num_test: examples of the test split in use (after ``num_test_examples``).
+        label_shape: the shape of one example's label: ``()`` for a class index (image
+            classification), ``(H, W)`` for a class per pixel (segmentation).
     """
 
     name: str
@@ -33,6 +36,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     num_train: int
     num_test: int
+    label_shape: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +46,8 @@ class Source:
     Attributes:
         info: the dataset's ``DatasetInfo``.
         read: ``read(split, start, stop)`` is a dataset of one element: uint8 images
-            ``[n, H, W, C]`` and int32 labels ``[n]`` of examples ``[start, stop)`` of the
-            split.
+            ``[n, H, W, C]`` and int32 labels ``[n, *info.label_shape]`` of examples
+            ``[start, stop)`` of the split (``"train"`` or ``"test"``).
     """
 
     info: DatasetInfo

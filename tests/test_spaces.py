@@ -1,0 +1,257 @@
+"""The search binary's flow on a user's own model (``model.builder``) and data
+(``data.name="module:function"``), the retrain of its ``chosen.keras``, and the errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import cifar
+from configs import cifar_train
+from keras_das.runs import data
+from keras_das.runs import search_lib
+from keras_das.runs import train_lib
+
+FUNCTIONAL = "tests.user_models:functional"
+SEGMENTATION = "examples/segmentation.py"
+
+
+def user_config(builder=FUNCTIONAL, **changes):
+    config = cifar.get_config("smoke")
+    config.model.builder = builder
+    config.data.num_examples, config.data.batch_size = 128, 16
+    config.epochs = 2
+    config.remedies.gap_report.recalibration_batches = 2
+    for field, value in changes.items():
+        section, _, name = field.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return config
+
+
+def softmax(x):
+    e = np.exp(np.asarray(x) - np.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def tensorboard_tags(workdir):
+    tags = set()
+    for root, _, files in os.walk(os.path.join(workdir, "tensorboard")):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def run_without_keras_das(script: str, *args, cwd):
+    """Runs ``script`` in a Python that cannot import keras_das (nor, with ``keras`` in
+    ``blocked``, Keras)."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+BLOCK = "import sys\nsys.modules['keras_das'] = None\n"
+
+
+@pytest.fixture(scope="module")
+def functional_search(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("user_search"))
+    summary = search_lib.run(user_config(), workdir, verbose=0)
+    return workdir, summary
+
+
+@pytest.mark.slow
+def test_user_model_search_writes_its_workdir(functional_search):
+    workdir, summary = functional_search
+    listing = sorted(os.listdir(workdir))
+    for name in (
+        "alpha_history.json",
+        "alphas",
+        "checkpoints",
+        "chosen.json",
+        "chosen.keras",
+        "config.json",
+        "export",
+        "gap_report.json",
+        "search_summary.json",
+        "tensorboard",
+    ):
+        assert name in listing, listing
+    assert "genotype.json" not in listing
+    assert sorted(os.listdir(os.path.join(workdir, "alphas"))) == ["block_1.png", "block_2.png"]
+    # The choice is each MixedOp's argmax of softmax(alpha), recomputed here from the alphas.
+    alphas = {path.split("/")[-2]: value for path, value in summary["alphas"].items()}
+    with open(os.path.join(workdir, "chosen.json")) as f:
+        chosen = json.load(f)
+    assert sorted(chosen) == ["block_1", "block_2"]
+    candidates = ("conv_3x3", "sep_conv_3x3", "max_pool_3x3")
+    for name, op in chosen.items():
+        weights = softmax(alphas[name])
+        assert op == candidates[int(np.argmax(weights))]
+        entropy = -np.sum(weights * np.log(weights))
+        assert summary["mixing_entropy"][name] == pytest.approx(entropy, rel=1e-4)
+    with open(os.path.join(workdir, "alpha_history.json")) as f:
+        history = json.load(f)
+    assert history["epochs"] == [0, 1]
+    np.testing.assert_allclose(history["weights"]["block_1"][-1], softmax(alphas["block_1"]), 1e-5)
+    tags = tensorboard_tags(workdir)
+    for tag in ("epoch_loss", "epoch_arch_val_accuracy", "mixing_weights/block_2/sep_conv_3x3"):
+        assert tag in tags, sorted(tags)
+    report = summary["gap_report"]
+    assert 0 <= report["derived_val_accuracy_inherited_weights"] <= 1
+    assert report["gap"] == pytest.approx(
+        report["supernet_val_accuracy"] - report["derived_val_accuracy_inherited_weights"]
+    )
+    assert summary["export"] == os.path.join(workdir, "export", "1")
+
+
+@pytest.mark.slow
+def test_chosen_model_loads_and_serves_without_keras_das(functional_search, tmp_path):
+    workdir, _ = functional_search
+    info = data.SearchData(user_config().data, 0).info
+    images = np.random.default_rng(0).integers(0, 256, (6, *info.image_shape), dtype=np.uint8)
+    x = (images / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    np.save(tmp_path / "images.npy", images)
+    script = BLOCK + (
+        "import keras, numpy as np, tensorflow as tf\n"
+        "model = keras.models.load_model(sys.argv[1])\n"
+        "assert not [l for l in model.layers if 'keras_das' in type(l).__module__]\n"
+        "np.save('keras_out.npy', model.predict(np.load('x.npy'), verbose=0))\n"
+        "serve = tf.saved_model.load(sys.argv[2]).signatures['serving_default']\n"
+        "np.save('served.npy', serve(images=tf.constant(np.load('images.npy')))['probabilities'])\n"
+    )
+    run_without_keras_das(
+        script,
+        os.path.join(workdir, "chosen.keras"),
+        os.path.join(workdir, "export", "1"),
+        cwd=tmp_path,
+    )
+    expected = keras.models.load_model(os.path.join(workdir, "chosen.keras"))(x, training=False)
+    np.testing.assert_allclose(np.load(tmp_path / "keras_out.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "served.npy"), softmax(expected), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_user_model_search_resumes_finished(functional_search):
+    workdir, summary = functional_search
+    again = search_lib.run(user_config(), workdir, verbose=0)
+    assert again["resumed_from_epoch"] == 2 and "final_metrics" not in again
+    assert again["chosen"] == summary["chosen"]
+    np.testing.assert_allclose(
+        again["gap_report"]["supernet_val_accuracy"],
+        summary["gap_report"]["supernet_val_accuracy"],
+    )
+
+
+@pytest.mark.slow
+def test_retrain_of_chosen_keras_starts_from_fresh_weights(functional_search, tmp_path):
+    workdir, _ = functional_search
+    chosen_path = os.path.join(workdir, "chosen.keras")
+    config = cifar_train.get_config("smoke")
+    config.model.keras_file = chosen_path
+    config.data.num_examples, config.data.num_test_examples = 128, 64
+    config.data.batch_size, config.epochs, config.export.tflite = 16, 1, False
+    retrain_dir = str(tmp_path / "retrain")
+    summary = train_lib.run(config, retrain_dir, verbose=0)
+    assert summary["keras_file"] == os.path.abspath(chosen_path) and "genotype" not in summary
+    assert 0 <= summary["test_accuracy"] <= 1
+    chosen = keras.models.load_model(chosen_path)
+    retrained = keras.models.load_model(os.path.join(retrain_dir, "model.keras"))
+    assert [type(layer).__name__ for layer in retrained.layers] == [
+        type(layer).__name__ for layer in chosen.layers
+    ]
+    kernels = [
+        (a, b)
+        for a, b in zip(chosen.weights, retrained.weights)
+        if a.path.endswith("kernel") and a.shape == b.shape
+    ]
+    assert kernels and not any(np.allclose(a, b) for a, b in kernels)
+    assert sorted(os.listdir(os.path.join(retrain_dir, "export"))) == ["1"]
+
+
+@pytest.mark.slow
+def test_subclassed_user_model(tmp_path):
+    config = user_config("tests.user_models:subclassed", epochs=1)
+    config.export.enabled = False
+    summary = search_lib.run(config, str(tmp_path), verbose=0)
+    assert list(summary["chosen"]) == ["block"]
+    assert summary["gap_report"]["bn_recalibration_batches"] == 2  # its batch norm
+    model = keras.models.load_model(tmp_path / "chosen.keras")
+    assert isinstance(model, keras.Model) and model.inputs  # traced into a Functional model
+    assert "export" not in os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "builder, message",
+    [
+        ("tests.user_models", "must name a function as 'package.module:function'"),
+        ("tests.no_such_module:build", "cannot import 'tests.no_such_module'"),
+        ("examples/no_such_file.py:build", "cannot import 'examples/no_such_file.py'"),
+        ("tests.user_models:missing", "has no 'missing'; its functions: ['functional', "),
+        ("tests.user_models:CANDIDATES", "has a non-callable 'CANDIDATES'"),
+    ],
+)
+def test_bad_builder_is_refused_before_anything_runs(builder, message, tmp_path):
+    workdir = tmp_path / "w"
+    with pytest.raises(ValueError, match="config.model.builder=") as error:
+        search_lib.run(user_config(builder), str(workdir), verbose=0)
+    assert message in str(error.value)
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "builder, message",
+    [
+        ("tests.user_models:not_a_model", "must return a keras.Model with MixedOps, got str"),
+        ("tests.user_models:wrong_input", "with inputs [(None, 8, 8, 1)]; the dataset"),
+    ],
+)
+def test_builder_returning_the_wrong_model(builder, message, tmp_path):
+    with pytest.raises(ValueError, match="config.model.builder=") as error:
+        search_lib.run(user_config(builder), str(tmp_path), verbose=0)
+    assert message in str(error.value)
+
+
+def test_darts_only_remedies_are_refused_for_a_user_model(tmp_path):
+    config = user_config()
+    config.remedies.perturbation.enabled = True
+    with pytest.raises(ValueError, match=r"config.remedies.perturbation acts on DARTS cells"):
+        search_lib.run(config, str(tmp_path / "w"), verbose=0)
+    assert not (tmp_path / "w").exists()
+
+
+def test_user_data_source(tmp_path):
+    config = data.default_config(name=f"{SEGMENTATION}:source", augment=False, batch_size=8)
+    config.num_examples, config.num_test_examples = 32, 16
+    search = data.SearchData(config, seed=0)
+    assert search.info.label_shape == (32, 32) and search.info.num_classes == 3
+    x, y = next(iter(search.streams()[0]))
+    assert x.shape == (8, 32, 32, 1) and x.dtype == tf.float32
+    assert y.shape == (8, 32, 32) and set(np.unique(y)) <= {0, 1, 2}
+    # Normalised with the source's own statistics.
+    assert abs(float(tf.reduce_mean(x))) < 0.5
+
+    config.augment = True
+    with pytest.raises(ValueError, match=r"data.augment=True crops and flips the images"):
+        data.SearchData(config, seed=0)
+    config.name = "tests.user_models:not_a_source"
+    with pytest.raises(ValueError, match=r"must return a keras_das.runs.data.Source.*tuple"):
+        data.SearchData(config, seed=0)
+
+
+def test_keras_file_must_exist(tmp_path):
+    config = cifar_train.get_config("smoke")
+    config.model.keras_file = str(tmp_path / "missing.keras")
+    with pytest.raises(ValueError, match=r"config.model.keras_file=.*must be an existing"):
+        train_lib.run(config, str(tmp_path / "w"), verbose=0)
