@@ -288,6 +288,41 @@ def test_subclassed_model(tmp_path):
     np.testing.assert_allclose(served["probabilities"], _expected(model, images), atol=1e-6)
 
 
+def _segmenter(num_classes=3):
+    """Per-pixel logits [N, 8, 8, classes], with batch norm in inference mode as above."""
+    inputs = keras.Input((8, 8, 3))
+    bn = layers.BatchNormalization()
+    h = layers.ReLU()(bn(layers.Conv2D(4, 3, padding="same")(inputs)))
+    h = layers.Conv2D(4, 3, padding="same", activation="relu")(h)
+    model = keras.Model(inputs, layers.Conv2D(num_classes, 1)(h), name="segmenter")
+    rng = np.random.default_rng(0)
+    bn.moving_mean.assign(rng.normal(size=4).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=4).astype("float32"))
+    return model
+
+
+def test_segmentation_model(tmp_path):
+    model = _segmenter()
+    path = keras_das.export(model, tmp_path)
+    images = _images(4)
+    x = (images.astype("float32") / 255.0 - MEAN) / STD
+    logits = model.predict(x, verbose=0).astype("float64")
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+
+    served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
+    assert served["probabilities"].shape == (4, 8, 8, 3)
+    assert served["classes"].dtype == tf.int64 and served["classes"].shape == (4, 8, 8)
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(served["classes"], expected.argmax(-1))
+    out = _tflite(os.path.join(path, "model.tflite"), images)
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"], expected.argmax(-1))
+    quantised = _tflite(os.path.join(path, "model_dynamic_range.tflite"), images)
+    assert quantised["classes"].shape == (4, 8, 8)
+    assert np.mean(quantised["classes"] == expected.argmax(-1)) >= 0.9
+
+
 def _dense_model():
     inputs = keras.Input((10,))
     return keras.Model(inputs, layers.Dense(3)(inputs), name="tabular")
@@ -296,6 +331,18 @@ def _dense_model():
 def _conv_model(shape=(8, 8, 3)):
     inputs = keras.Input(shape)
     return keras.Model(inputs, layers.Conv2D(2, 1)(inputs), name="no_head")
+
+
+def _pooled_model():
+    """Returns one number per image, [N]: no classes axis."""
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.ops.mean(inputs, axis=(1, 2, 3)), name="pooled")
+
+
+def _dict_model():
+    inputs = keras.Input((8, 8, 3))
+    logits = layers.Dense(2)(layers.GlobalAveragePooling2D()(inputs))
+    return keras.Model(inputs, {"logits": logits}, name="dict_out")
 
 
 @pytest.mark.parametrize(
@@ -313,7 +360,8 @@ def _conv_model(shape=(8, 8, 3)):
         (_classifier, {"std": (0.2, 0.0, 0.2)}, ValueError, r"std must be positive"),
         (_classifier, {"version": -1}, ValueError, r"non-negative int or None, got -1"),
         (_classifier, {"version": "2"}, ValueError, r"got '2'"),
-        (_conv_model, {}, ValueError, r"returning one tensor \[N, classes\].*'no_head'"),
+        (_pooled_model, {}, ValueError, r"one tensor \[N, \.\.\., classes\].*'pooled'.*\(None,\)"),
+        (_dict_model, {}, ValueError, r"one tensor \[N, \.\.\., classes\].*'dict_out'.*'logits'"),
     ],
 )
 def test_bad_inputs(tmp_path, make_model, kwargs, error, match):

@@ -1,8 +1,9 @@
-"""Export a trained classifier for serving: a TF Serving SavedModel and TFLite files.
+"""Export a trained image model for serving: a TF Serving SavedModel and TFLite files.
 
 ``export`` writes ``export_dir/<version>/`` in the layout TF Serving watches: a SavedModel
-whose ``serving_default`` signature takes raw ``uint8`` images and returns class
-probabilities and classes, plus ``model.tflite`` and ``model_dynamic_range.tflite`` with
+whose ``serving_default`` signature takes raw ``uint8`` images and returns probabilities
+and classes over the last axis of the model's output (so a classifier ``[N, classes]`` and
+a per-pixel model ``[N, H, W, classes]`` serve alike), plus ``model.tflite`` and ``model_dynamic_range.tflite`` with
 the same contract. The version directory appears complete or not at all.
 
 Example:
@@ -47,21 +48,26 @@ def export(
     tflite: bool = True,
     overwrite: bool = False,
 ) -> str:
-    """Exports an image classifier to ``export_dir/<version>/``.
+    """Exports an image model to ``export_dir/<version>/``.
 
     The SavedModel's ``serving_default`` signature takes ``images``, a ``uint8`` tensor
     ``[N, H, W, C]`` (any N), computes ``(images / 255 - mean) / std``, runs the model in
-    inference mode and returns ``{"probabilities": float32 [N, classes], "classes": int64
-    [N]}``. The TFLite files take and return the same (``model.tflite`` in float32,
-    ``model_dynamic_range.tflite`` with weights quantised to 8 bits).
+    inference mode and returns ``{"probabilities": float32 [N, ..., classes], "classes":
+    int64 [N, ...]}``: the softmax and the argmax over the last axis of the model's output,
+    which may have any rank from 2 (``[N, classes]`` for a classifier, ``[N, H, W,
+    classes]`` for segmentation).
+
+    The TFLite files take and return the same (``model.tflite`` in float32,
+    ``model_dynamic_range.tflite`` with weights quantised to 8 bits), but the TFLite
+    interpreter does not check input shapes.
 
     Everything is written to a hidden temporary directory in ``export_dir`` (TF Serving
     ignores names that are not numbers) and renamed into place at the end, so a failure
     leaves no partial version behind.
 
     Args:
-        model: a Keras model taking one image batch ``[N, H, W, C]`` and returning
-            ``[N, classes]``, or the path of a saved ``.keras`` model.
+        model: a Keras model taking one image batch ``[N, H, W, C]`` and returning one
+            tensor ``[N, ..., classes]``, or the path of a saved ``.keras`` model.
         export_dir: the base directory TF Serving watches; created if missing.
         version: the version directory to write. Default: one more than the largest
             numeric version already in ``export_dir``, or 1.
@@ -79,7 +85,7 @@ def export(
     Raises:
         ValueError: the model does not take one image batch with known height, width and
             channels, ``mean``/``std``/``version`` are invalid, or the model's output is
-            not one ``[N, classes]`` tensor.
+            not one tensor of rank 2 or more.
         FileExistsError: the version directory exists and ``overwrite`` is False.
     """
     if not isinstance(model, keras.Model):
@@ -177,13 +183,13 @@ def _serving_archive(model, image_shape, mean, std, from_logits):
         images = tf.ensure_shape(images, [None, *image_shape])
         x = (tf.cast(images, tf.float32) / 255.0 - mean) / std
         outputs = model(x, training=False)
-        if not tf.is_tensor(outputs) or outputs.shape.rank != 2:
+        if not tf.is_tensor(outputs) or outputs.shape.rank is None or outputs.shape.rank < 2:
             raise ValueError(
-                f"export expects a model returning one tensor [N, classes]; model "
-                f"{model.name!r} returns {outputs!r}"
+                "export expects a model returning one tensor [N, ..., classes] (rank 2 or "
+                f"more, classes on the last axis); model {model.name!r} returns {outputs!r}"
             )
         outputs = tf.cast(outputs, tf.float32)
-        probabilities = tf.nn.softmax(outputs) if from_logits else outputs
+        probabilities = tf.nn.softmax(outputs, axis=-1) if from_logits else outputs
         return {
             PROBABILITIES: probabilities,
             CLASSES: tf.argmax(probabilities, axis=-1, output_type=tf.int64),
