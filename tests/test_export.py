@@ -468,22 +468,26 @@ def test_two_inputs_are_refused(tmp_path):
         keras_das.export(model, tmp_path)
 
 
-@pytest.mark.e2e
-def test_binary(tmp_path):
-    model = _classifier()
+def _binary_command(model, tmp_path, *flags):
+    """Saves ``model`` and returns the command exporting it to ``tmp_path / "serving"``."""
     model.save(tmp_path / "model.keras")
-    base = tmp_path / "serving"
-    command = [
+    return [
         sys.executable,
         "-m",
         "keras_das.export",
         f"--model={tmp_path / 'model.keras'}",
-        f"--export_dir={base}",
-        "--version=3",
-        "--mean=0.5",
-        "--std=0.25,0.25,0.25",
-        "--notflite",
+        f"--export_dir={tmp_path / 'serving'}",
+        *flags,
     ]
+
+
+@pytest.mark.e2e
+def test_binary(tmp_path):
+    model = _classifier()
+    base = tmp_path / "serving"
+    command = _binary_command(
+        model, tmp_path, "--version=3", "--mean=0.5", "--std=0.25,0.25,0.25", "--notflite"
+    )
     _run(command, cwd=REPO)
     assert sorted(os.listdir(base / "3")) == [
         "assets",
@@ -501,6 +505,22 @@ def test_binary(tmp_path):
     again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert again.returncode != 0
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.e2e
+def test_binary_model_signature(tmp_path):
+    model = _sequence_model()
+    command = _binary_command(model, tmp_path, "--signature=model", "--notflite")
+    _run(command, cwd=REPO)
+    tokens = np.random.default_rng(0).integers(0, 50, (3, 12)).astype("int32")
+    served = tf.saved_model.load(str(tmp_path / "serving" / "1")).signatures["serving_default"](
+        tokens=tf.constant(tokens)
+    )
+    np.testing.assert_allclose(served["outputs"], model.predict(tokens, verbose=0), atol=1e-5)
+    bad = subprocess.run(
+        [*command, "--signature=text"], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "value should be one of <image|model>" in bad.stderr
 
 
 @pytest.mark.slow
