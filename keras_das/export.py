@@ -13,9 +13,16 @@ flags.DEFINE_string("model", None, "The .keras model to export.", required=True)
 flags.DEFINE_string("export_dir", None, "Base directory (TF Serving layout).", required=True)
 flags.DEFINE_integer("version", None, "Version to write; default: the next one.")
 flags.DEFINE_boolean("overwrite", False, "Replace an existing version directory.")
-flags.DEFINE_list("mean", list(map(str, serving.CIFAR10_MEAN)), "Per-channel mean of pixels/255.")
-flags.DEFINE_list("std", list(map(str, serving.CIFAR10_STD)), "Per-channel std of pixels/255.")
-flags.DEFINE_boolean("from_logits", True, "The model outputs logits, not probabilities.")
+flags.DEFINE_enum(
+    "signature",
+    "image",
+    serving.SIGNATURES,
+    "image: uint8 images in, probabilities and classes out; model: the model's own inputs "
+    "and outputs.",
+)
+flags.DEFINE_list("mean", None, "image only: per-channel mean of pixels/255; default CIFAR-10's.")
+flags.DEFINE_list("std", None, "image only: per-channel std of pixels/255; default CIFAR-10's.")
+flags.DEFINE_boolean("from_logits", True, "image only: the model outputs logits.")
 flags.DEFINE_boolean("tflite", True, "Also write the float and dynamic-range TFLite files.")
 FLAGS = flags.FLAGS
 
@@ -27,8 +34,9 @@ def main(argv):
         FLAGS.model,
         FLAGS.export_dir,
         FLAGS.version,
-        mean=[float(v) for v in FLAGS.mean],
-        std=[float(v) for v in FLAGS.std],
+        signature=FLAGS.signature,
+        mean=None if FLAGS.mean is None else [float(v) for v in FLAGS.mean],
+        std=None if FLAGS.std is None else [float(v) for v in FLAGS.std],
         from_logits=FLAGS.from_logits,
         tflite=FLAGS.tflite,
         overwrite=FLAGS.overwrite,

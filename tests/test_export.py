@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,23 @@ SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+
+# The start of a script run by `python -I -c` that may import TensorFlow and NumPy but neither
+# keras_das nor keras (the editable install would put keras_das on the path even under -I, so
+# both are blocked outright).
+TENSORFLOW_ALONE = (
+    "import sys\n"
+    "sys.modules['keras_das'] = None\n"
+    "sys.modules['keras'] = None\n"
+    "for name in ('keras_das', 'keras'):\n"
+    "    try:\n"
+    "        __import__(name)\n"
+    "    except ImportError:\n"
+    "        continue\n"
+    "    raise SystemExit(name + ' is importable')\n"
+    "import numpy as np\n"
+    "import tensorflow as tf\n"
+)
 
 
 def _images(n, shape=(8, 8, 3), seed=0):
@@ -71,21 +89,9 @@ def test_layout(exported):
 def test_served_by_tensorflow_alone(exported, tmp_path):
     _, path, images, expected = exported
     np.save(tmp_path / "images.npy", images)
-    # Neither keras_das nor keras may be importable (the editable install would put
-    # keras_das on the path even under -I, so it is blocked outright).
     script = (
-        "import sys\n"
-        "sys.modules['keras_das'] = None\n"
-        "sys.modules['keras'] = None\n"
-        "for name in ('keras_das', 'keras'):\n"
-        "    try:\n"
-        "        __import__(name)\n"
-        "    except ImportError:\n"
-        "        continue\n"
-        "    raise SystemExit(name + ' is importable')\n"
-        "import numpy as np\n"
-        "import tensorflow as tf\n"
-        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        TENSORFLOW_ALONE
+        + "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
         "out = serve(images=tf.constant(np.load('images.npy')))\n"
         "np.save('probabilities.npy', out['probabilities'].numpy())\n"
         "np.save('classes.npy', out['classes'].numpy())\n"
@@ -288,6 +294,110 @@ def test_subclassed_model(tmp_path):
     np.testing.assert_allclose(served["probabilities"], _expected(model, images), atol=1e-6)
 
 
+def _segmenter(num_classes=3):
+    """Per-pixel logits [N, 8, 8, classes], with batch norm in inference mode as above."""
+    inputs = keras.Input((8, 8, 3))
+    bn = layers.BatchNormalization()
+    h = layers.ReLU()(bn(layers.Conv2D(4, 3, padding="same")(inputs)))
+    h = layers.Conv2D(4, 3, padding="same", activation="relu")(h)
+    model = keras.Model(inputs, layers.Conv2D(num_classes, 1)(h), name="segmenter")
+    rng = np.random.default_rng(0)
+    bn.moving_mean.assign(rng.normal(size=4).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=4).astype("float32"))
+    return model
+
+
+def test_segmentation_model(tmp_path):
+    model = _segmenter()
+    path = keras_das.export(model, tmp_path)
+    images = _images(4)
+    x = (images.astype("float32") / 255.0 - MEAN) / STD
+    logits = model.predict(x, verbose=0).astype("float64")
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+
+    served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
+    assert served["probabilities"].shape == (4, 8, 8, 3)
+    assert served["classes"].dtype == tf.int64 and served["classes"].shape == (4, 8, 8)
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(served["classes"], expected.argmax(-1))
+    out = _tflite(os.path.join(path, "model.tflite"), images)
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"], expected.argmax(-1))
+    quantised = _tflite(os.path.join(path, "model_dynamic_range.tflite"), images)
+    assert quantised["classes"].shape == (4, 8, 8)
+    assert np.mean(quantised["classes"] == expected.argmax(-1)) >= 0.9
+
+
+def _sequence_model():
+    tokens = keras.Input((12,), dtype="int32", name="tokens")
+    h = layers.Embedding(50, 8)(tokens)
+    h = layers.Conv1D(8, 3, activation="relu")(h)
+    return keras.Model(tokens, layers.Dense(4)(layers.GlobalAveragePooling1D()(h)))
+
+
+def test_model_signature_served_by_tensorflow_alone(tmp_path):
+    model = _sequence_model()
+    path = keras_das.export(model, tmp_path / "serving", signature="model")
+    tokens = np.random.default_rng(0).integers(0, 50, (6, 12)).astype("int32")
+    np.save(tmp_path / "tokens.npy", tokens)
+    script = (
+        TENSORFLOW_ALONE + "import json\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "args, kwargs = serve.structured_input_signature\n"
+        "inputs = {k: [v.dtype.name, v.shape.as_list()] for k, v in kwargs.items()}\n"
+        "json.dump({'args': len(args), 'inputs': inputs}, open('signature.json', 'w'))\n"
+        "out = serve(tokens=tf.constant(np.load('tokens.npy')))\n"
+        "np.savez('out.npz', **{k: v.numpy() for k, v in out.items()})\n"
+    )
+    _run([sys.executable, "-I", "-c", script, path], cwd=tmp_path)
+    with open(tmp_path / "signature.json") as f:
+        assert json.load(f) == {"args": 0, "inputs": {"tokens": ["int32", [None, 12]]}}
+    out = np.load(tmp_path / "out.npz")
+    assert list(out) == ["outputs"]
+    np.testing.assert_allclose(out["outputs"], model.predict(tokens, verbose=0), atol=1e-5)
+
+    runner = tf.lite.Interpreter(os.path.join(path, "model.tflite")).get_signature_runner()
+    np.testing.assert_allclose(
+        runner(tokens=tokens)["outputs"], model.predict(tokens, verbose=0), atol=1e-5
+    )
+
+
+def test_model_signature_names(tmp_path):
+    """Inputs by their keras.Input names, in any structure; outputs by output or dict names."""
+    image, size = keras.Input((8, 8, 3), name="image"), keras.Input((1,), name="size")
+    pooled = layers.GlobalAveragePooling2D()(image)
+    logits = layers.Dense(3, name="logits")(pooled)
+    area = layers.Dense(1, name="area")(layers.Concatenate()([pooled, size]))
+    by_list = keras.Model({"size": size, "image": image}, [logits, area])
+    by_dict = keras.Model([image, size], {"kind": logits, "area": area})
+    x = {"image": np.random.default_rng(0).normal(size=(5, 8, 8, 3)).astype("float32")}
+    x["size"] = np.arange(5, dtype="float32")[:, None]
+    expected = [np.asarray(y) for y in by_list.predict(x, verbose=0)]
+
+    for model, keys in ((by_list, ["logits", "area"]), (by_dict, ["kind", "area"])):
+        path = keras_das.export(model, tmp_path, signature="model", tflite=False)
+        serve = tf.saved_model.load(path).signatures["serving_default"]
+        assert sorted(serve.structured_input_signature[1]) == ["image", "size"]
+        out = serve(**{k: tf.constant(v) for k, v in x.items()})
+        assert sorted(out) == sorted(keys)
+        for key, value in zip(keys, expected, strict=True):
+            np.testing.assert_allclose(out[key], value, atol=1e-5)
+
+
+def test_tflite_failure_is_reported(tmp_path):
+    """FFT is no TFLite builtin: the export fails saying so, and works without TFLite."""
+    inputs = keras.Input((8,))
+    real, _ = keras.ops.fft((inputs, keras.ops.zeros_like(inputs)))
+    model = keras.Model(inputs, layers.Dense(2)(real))
+    with pytest.raises(RuntimeError, match=r"TFLite cannot convert.*tflite=False") as error:
+        keras_das.export(model, tmp_path, signature="model")
+    assert "FFT" in str(error.value.__cause__)
+    assert os.listdir(tmp_path) == []
+    keras_das.export(model, tmp_path, signature="model", tflite=False)
+    assert os.listdir(tmp_path) == ["1"]
+
+
 def _dense_model():
     inputs = keras.Input((10,))
     return keras.Model(inputs, layers.Dense(3)(inputs), name="tabular")
@@ -296,6 +406,18 @@ def _dense_model():
 def _conv_model(shape=(8, 8, 3)):
     inputs = keras.Input(shape)
     return keras.Model(inputs, layers.Conv2D(2, 1)(inputs), name="no_head")
+
+
+def _pooled_model():
+    """Returns one number per image, [N]: no classes axis."""
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.ops.mean(inputs, axis=(1, 2, 3)), name="pooled")
+
+
+def _dict_model():
+    inputs = keras.Input((8, 8, 3))
+    logits = layers.Dense(2)(layers.GlobalAveragePooling2D()(inputs))
+    return keras.Model(inputs, {"logits": logits}, name="dict_out")
 
 
 @pytest.mark.parametrize(
@@ -313,7 +435,22 @@ def _conv_model(shape=(8, 8, 3)):
         (_classifier, {"std": (0.2, 0.0, 0.2)}, ValueError, r"std must be positive"),
         (_classifier, {"version": -1}, ValueError, r"non-negative int or None, got -1"),
         (_classifier, {"version": "2"}, ValueError, r"got '2'"),
-        (_conv_model, {}, ValueError, r"returning one tensor \[N, classes\].*'no_head'"),
+        (_pooled_model, {}, ValueError, r"one tensor \[N, \.\.\., classes\].*'pooled'.*\(None,\)"),
+        (_dict_model, {}, ValueError, r"one tensor \[N, \.\.\., classes\].*'dict_out'.*'logits'"),
+        (_classifier, {"signature": "text"}, ValueError, r"'text'.*\['image', 'model'\]"),
+        (
+            _classifier,
+            {"signature": "model", "mean": 0.5},
+            ValueError,
+            r"apply to signature='image'",
+        ),
+        (
+            _classifier,
+            {"signature": "model", "from_logits": False},
+            ValueError,
+            r"apply to signature='image'",
+        ),
+        (Exploding, {"signature": "model"}, ValueError, r"Functional or Sequential.*'exploding'"),
     ],
 )
 def test_bad_inputs(tmp_path, make_model, kwargs, error, match):
@@ -331,22 +468,26 @@ def test_two_inputs_are_refused(tmp_path):
         keras_das.export(model, tmp_path)
 
 
-@pytest.mark.e2e
-def test_binary(tmp_path):
-    model = _classifier()
+def _binary_command(model, tmp_path, *flags):
+    """Saves ``model`` and returns the command exporting it to ``tmp_path / "serving"``."""
     model.save(tmp_path / "model.keras")
-    base = tmp_path / "serving"
-    command = [
+    return [
         sys.executable,
         "-m",
         "keras_das.export",
         f"--model={tmp_path / 'model.keras'}",
-        f"--export_dir={base}",
-        "--version=3",
-        "--mean=0.5",
-        "--std=0.25,0.25,0.25",
-        "--notflite",
+        f"--export_dir={tmp_path / 'serving'}",
+        *flags,
     ]
+
+
+@pytest.mark.e2e
+def test_binary(tmp_path):
+    model = _classifier()
+    base = tmp_path / "serving"
+    command = _binary_command(
+        model, tmp_path, "--version=3", "--mean=0.5", "--std=0.25,0.25,0.25", "--notflite"
+    )
     _run(command, cwd=REPO)
     assert sorted(os.listdir(base / "3")) == [
         "assets",
@@ -364,6 +505,22 @@ def test_binary(tmp_path):
     again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert again.returncode != 0
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.e2e
+def test_binary_model_signature(tmp_path):
+    model = _sequence_model()
+    command = _binary_command(model, tmp_path, "--signature=model", "--notflite")
+    _run(command, cwd=REPO)
+    tokens = np.random.default_rng(0).integers(0, 50, (3, 12)).astype("int32")
+    served = tf.saved_model.load(str(tmp_path / "serving" / "1")).signatures["serving_default"](
+        tokens=tf.constant(tokens)
+    )
+    np.testing.assert_allclose(served["outputs"], model.predict(tokens, verbose=0), atol=1e-5)
+    bad = subprocess.run(
+        [*command, "--signature=text"], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "value should be one of <image|model>" in bad.stderr
 
 
 @pytest.mark.slow

@@ -1,12 +1,20 @@
-"""Export a trained classifier for serving: a TF Serving SavedModel and TFLite files.
+"""Export a trained model for serving: a TF Serving SavedModel and TFLite files.
 
 ``export`` writes ``export_dir/<version>/`` in the layout TF Serving watches: a SavedModel
-whose ``serving_default`` signature takes raw ``uint8`` images and returns class
-probabilities and classes, plus ``model.tflite`` and ``model_dynamic_range.tflite`` with
-the same contract. The version directory appears complete or not at all.
+with a ``serving_default`` signature, plus ``model.tflite`` and ``model_dynamic_range.tflite``
+with the same contract. The version directory appears complete or not at all.
+
+Two signatures:
+
+- ``"image"`` (default), for image models: takes raw ``uint8`` images, normalises them and
+  returns ``probabilities`` and ``classes`` over the last axis of the model's output, so a
+  classifier ``[N, classes]`` and a per-pixel model ``[N, H, W, classes]`` serve alike.
+- ``"model"``, for any Functional or Sequential model: takes the model's own inputs and
+  returns its outputs as they are.
 
 Example:
     >>> keras_das.export(model, "/tmp/serving/darts")  # writes /tmp/serving/darts/1/
+    >>> keras_das.export(text_model, "/tmp/serving/text", signature="model")
 
 The command-line binary over it is ``python -m keras_das.export``.
 """
@@ -28,10 +36,12 @@ import tensorflow as tf
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+SIGNATURES = ("image", "model")
 SIGNATURE_KEY = "serving_default"
 INPUT_NAME = "images"
 PROBABILITIES = "probabilities"
 CLASSES = "classes"
+OUTPUTS = "outputs"  # the "model" signature's key for a model's single output
 TFLITE_FLOAT = "model.tflite"
 TFLITE_DYNAMIC_RANGE = "model_dynamic_range.tflite"
 
@@ -41,34 +51,53 @@ def export(
     export_dir: str | os.PathLike,
     version: int | None = None,
     *,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
+    signature: str = "image",
+    mean: Sequence[float] | float | None = None,
+    std: Sequence[float] | float | None = None,
     from_logits: bool = True,
     tflite: bool = True,
     overwrite: bool = False,
 ) -> str:
-    """Exports an image classifier to ``export_dir/<version>/``.
+    """Exports a model to ``export_dir/<version>/``.
 
-    The SavedModel's ``serving_default`` signature takes ``images``, a ``uint8`` tensor
-    ``[N, H, W, C]`` (any N), computes ``(images / 255 - mean) / std``, runs the model in
-    inference mode and returns ``{"probabilities": float32 [N, classes], "classes": int64
-    [N]}``. The TFLite files take and return the same (``model.tflite`` in float32,
-    ``model_dynamic_range.tflite`` with weights quantised to 8 bits).
+    With ``signature="image"`` the SavedModel's ``serving_default`` signature takes
+    ``images``, a ``uint8`` tensor ``[N, H, W, C]`` (any N), computes
+    ``(images / 255 - mean) / std``, runs the model in inference mode and returns
+    ``{"probabilities": float32 [N, ..., classes], "classes": int64 [N, ...]}``: the softmax
+    and the argmax over the last axis of the model's output, which may have any rank from 2
+    (``[N, classes]`` for a classifier, ``[N, H, W, classes]`` for segmentation).
+
+    With ``signature="model"`` it takes the model's own inputs, one argument per Keras input,
+    named by its ``keras.Input``'s name, with that input's dtype and shape (any N), runs the
+    model in inference mode and returns its outputs unchanged: ``{"outputs": ...}`` for one
+    output, the keys of a dict output, or the model's ``output_names`` for several outputs.
+    Nothing is normalised, so ``mean``, ``std`` and ``from_logits`` are refused there.
+
+    The TFLite files take and return the same (``model.tflite`` in float32,
+    ``model_dynamic_range.tflite`` with weights quantised to 8 bits), but the TFLite
+    interpreter does not check input shapes. A model with ops TFLite's builtin op set lacks
+    fails the export with an error saying so; pass ``tflite=False`` to export it anyway.
 
     Everything is written to a hidden temporary directory in ``export_dir`` (TF Serving
     ignores names that are not numbers) and renamed into place at the end, so a failure
     leaves no partial version behind.
 
     Args:
-        model: a Keras model taking one image batch ``[N, H, W, C]`` and returning
-            ``[N, classes]``, or the path of a saved ``.keras`` model.
+        model: a Keras model, or the path of a saved ``.keras`` model. For ``"image"``: one
+            image batch ``[N, H, W, C]`` in, one tensor ``[N, ..., classes]`` out. For
+            ``"model"``: a Functional or Sequential model (a subclassed one has no Keras
+            inputs to name the signature after).
         export_dir: the base directory TF Serving watches; created if missing.
         version: the version directory to write. Default: one more than the largest
             numeric version already in ``export_dir``, or 1.
-        mean: per-channel mean of pixels / 255 (one value, or one per channel).
-        std: per-channel standard deviation of pixels / 255 (positive).
-        from_logits: the model outputs logits (softmax applied in the signature); pass
-            ``False`` for a model that already outputs probabilities.
+        signature: ``"image"`` or ``"model"``, the ``serving_default`` signature described
+            above.
+        mean: ``"image"`` only: per-channel mean of pixels / 255 (one value, or one per
+            channel). Default: CIFAR-10's.
+        std: ``"image"`` only: per-channel standard deviation of pixels / 255 (positive).
+            Default: CIFAR-10's.
+        from_logits: ``"image"`` only: the model outputs logits (softmax applied in the
+            signature); pass ``False`` for a model that already outputs probabilities.
         tflite: also write the two TFLite files.
         overwrite: replace an existing version directory (atomically where the OS can
             swap directories, as Linux can) instead of refusing.
@@ -77,19 +106,27 @@ def export(
         The path of the version directory.
 
     Raises:
-        ValueError: the model does not take one image batch with known height, width and
-            channels, ``mean``/``std``/``version`` are invalid, or the model's output is
-            not one ``[N, classes]`` tensor.
+        ValueError: ``signature`` is unknown; for ``"image"``: the model does not take one
+            image batch with known height, width and channels, ``mean``/``std`` are
+            invalid, or the model's output is not one tensor of rank 2 or more; for
+            ``"model"``: the model has no Keras inputs, its outputs cannot be named, or
+            ``mean``/``std``/``from_logits`` were given; ``version`` is invalid.
         FileExistsError: the version directory exists and ``overwrite`` is False.
+        RuntimeError: TFLite cannot convert the model (the converter's error is chained).
     """
+    if signature not in SIGNATURES:
+        raise ValueError(f"Unknown signature {signature!r}; expected one of {list(SIGNATURES)}")
     if not isinstance(model, keras.Model):
         model = keras.models.load_model(model, compile=False)
-    image_shape = _image_shape(model)
-    channels = image_shape[-1]
-    mean = _per_channel("mean", mean, channels)
-    std = _per_channel("std", std, channels)
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std must be positive, got {std!r}")
+    if signature == "image":
+        serve, input_signature = _image_endpoint(model, mean, std, from_logits)
+    else:
+        if mean is not None or std is not None or not from_logits:
+            raise ValueError(
+                "mean, std and from_logits apply to signature='image' only; signature='model' "
+                "passes the model's inputs and outputs through unchanged"
+            )
+        serve, input_signature = _model_endpoint(model)
 
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 0
@@ -106,7 +143,10 @@ def export(
             "or pass overwrite=True (--overwrite) to replace it"
         )
 
-    archive = _serving_archive(model, image_shape, mean, std, from_logits)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # Traces the model, so an output the signature cannot serve is refused here.
+    archive.add_endpoint(SIGNATURE_KEY, serve, input_signature=input_signature)
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
         archive.write_out(staging, verbose=False)
@@ -166,8 +206,14 @@ def _per_channel(name: str, values, channels: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _serving_archive(model, image_shape, mean, std, from_logits):
-    """An ExportArchive holding the model and its ``serving_default`` endpoint."""
+def _image_endpoint(model, mean, std, from_logits):
+    """The ``"image"`` signature's function and its input signature."""
+    image_shape = _image_shape(model)
+    channels = image_shape[-1]
+    mean = _per_channel("mean", CIFAR10_MEAN if mean is None else mean, channels)
+    std = _per_channel("std", CIFAR10_STD if std is None else std, channels)
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std!r}")
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
 
@@ -177,26 +223,71 @@ def _serving_archive(model, image_shape, mean, std, from_logits):
         images = tf.ensure_shape(images, [None, *image_shape])
         x = (tf.cast(images, tf.float32) / 255.0 - mean) / std
         outputs = model(x, training=False)
-        if not tf.is_tensor(outputs) or outputs.shape.rank != 2:
+        if not tf.is_tensor(outputs) or outputs.shape.rank is None or outputs.shape.rank < 2:
             raise ValueError(
-                f"export expects a model returning one tensor [N, classes]; model "
-                f"{model.name!r} returns {outputs!r}"
+                "signature='image' expects a model returning one tensor [N, ..., classes] "
+                f"(rank 2 or more, classes on the last axis); model {model.name!r} returns "
+                f"{outputs!r}. signature='model' serves other outputs as they are"
             )
         outputs = tf.cast(outputs, tf.float32)
-        probabilities = tf.nn.softmax(outputs) if from_logits else outputs
+        probabilities = tf.nn.softmax(outputs, axis=-1) if from_logits else outputs
         return {
             PROBABILITIES: probabilities,
             CLASSES: tf.argmax(probabilities, axis=-1, output_type=tf.int64),
         }
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        SIGNATURE_KEY,
-        serve,
-        input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME)],
-    )
-    return archive
+    return serve, [tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME)]
+
+
+def _model_endpoint(model):
+    """The ``"model"`` signature's function and its input signature."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            f"signature='model' needs a Functional or Sequential model; model {model.name!r} "
+            "has no Keras inputs to name the signature's arguments after (wrap it: "
+            "keras.Model(inputs, model(inputs)))"
+        )
+    # An unnamed keras.Input's tensor is named by a counter ("keras_tensor_3") until the
+    # model is saved and reloaded; its InputLayer's name is the one a .keras file keeps.
+    names = [x._keras_history.operation.name for x in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Model {model.name!r} has inputs with the same name: {names}")
+    specs = [
+        tf.TensorSpec([None, *x.shape[1:]], x.dtype, name=name)
+        for x, name in zip(inputs, names, strict=True)
+    ]
+    # A Sequential model has one input and no input structure until it is called.
+    structure = inputs[0] if isinstance(model, keras.Sequential) else model.input
+
+    def serve(*args):
+        # As in the image signature: shapes are not checked by the signature itself.
+        args = [tf.ensure_shape(x, spec.shape) for x, spec in zip(args, specs, strict=True)]
+        outputs = model(keras.tree.pack_sequence_as(structure, args), training=False)
+        return _named_outputs(model, outputs)
+
+    return serve, specs
+
+
+def _named_outputs(model, outputs) -> dict:
+    """The model's outputs keyed as the ``"model"`` signature returns them."""
+    if isinstance(outputs, dict):
+        named = dict(outputs)
+    else:
+        flat = keras.tree.flatten(outputs)
+        names = [OUTPUTS] if len(flat) == 1 else list(getattr(model, "output_names", []))
+        if len(names) != len(flat) or len(set(names)) != len(names):
+            raise ValueError(
+                f"Cannot name the {len(flat)} outputs of model {model.name!r} (output names "
+                f"{names}); return a dict of tensors to name them"
+            )
+        named = dict(zip(names, flat, strict=True))
+    if not all(isinstance(k, str) and tf.is_tensor(v) for k, v in named.items()):
+        raise ValueError(
+            f"signature='model' expects a tensor, a list of tensors or a flat dict of them "
+            f"keyed by strings; model {model.name!r} returns {outputs!r}"
+        )
+    return named
 
 
 def _write_tflite(saved_model_dir: str) -> None:
@@ -208,8 +299,15 @@ def _write_tflite(saved_model_dir: str) -> None:
             saved_model_dir, signature_keys=[SIGNATURE_KEY]
         )
         converter.optimizations = optimizations
+        try:
+            flatbuffer = converter.convert()
+        except Exception as error:  # the converter raises its own ConverterError, and others
+            raise RuntimeError(
+                f"TFLite cannot convert the {SIGNATURE_KEY!r} signature to {filename} (see the "
+                "error above); pass tflite=False (--notflite) to export the SavedModel alone"
+            ) from error
         with open(os.path.join(saved_model_dir, filename), "wb") as f:
-            f.write(converter.convert())
+            f.write(flatbuffer)
 
 
 def _move_into_place(staging: str, target: str, overwrite: bool) -> None:
