@@ -1,8 +1,11 @@
 """The examples/ searches, end to end on tiny shapes, and the synthetic data they make."""
 
 import importlib.util
+import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,3 +87,75 @@ def test_sequence_example_second_order():
     flags = TINY + ["--examples=64", "--length=12", "--width=8", "--architect=second_order"]
     result = load_example("sequence_classification").main(flags)
     assert np.isfinite(result["score"])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_segmentation_through_the_binaries(tmp_path):
+    """The segmentation example's docstring commands, on tiny sizes: its supernet searched by
+    the search binary (model.builder, data.name), retrained by the train binary from
+    chosen.keras, and both exports served per pixel by TensorFlow alone. The search runs
+    under a MirroredStrategy of two CPU devices."""
+    from tests.binaries import run_binary
+
+    data_flags = (
+        "--config.data.name=examples/segmentation.py:source",
+        "--config.data.augment=False",
+        "--config.data.num_examples=64",
+        "--config.data.batch_size=16",
+    )
+    search_dir, train_dir = tmp_path / "search", tmp_path / "train"
+    run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:smoke",
+        f"--workdir={search_dir}",
+        "--config.model.builder=examples/segmentation.py:build",
+        "--config.epochs=1",
+        "--config.remedies.gap_report.recalibration_batches=1",
+        "--config.distribution.strategy=mirrored",  # a batch of 16 split over 2 replicas
+        "--config.distribution.cpu_devices=2",
+        *data_flags,
+    )
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert sorted(summary["chosen"]) == ["dec_full", "enc_full", "enc_half", "enc_quarter"]
+    assert 0 <= summary["gap_report"]["derived_val_accuracy_inherited_weights"] <= 1
+    run_binary(
+        "keras_das.train",
+        "--config=configs/cifar_train.py:smoke",
+        f"--workdir={train_dir}",
+        f"--config.model.keras_file={search_dir / 'chosen.keras'}",
+        "--config.epochs=1",
+        "--config.data.num_test_examples=16",
+        "--config.data.cutout=0",
+        "--config.export.tflite=False",
+        *data_flags,
+    )
+    trained = json.loads((train_dir / "train_summary.json").read_text())
+    assert 0 <= trained["test_accuracy"] <= 1  # per pixel
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys\n"
+        "sys.modules['keras_das'] = None\n"
+        "import numpy as np, tensorflow as tf\n"
+        "for i, path in enumerate(sys.argv[1:]):\n"
+        "    serve = tf.saved_model.load(path).signatures['serving_default']\n"
+        "    out = serve(images=tf.constant(np.load('images.npy')))\n"
+        "    assert out['probabilities'].shape == (3, 32, 32, 3), out['probabilities'].shape\n"
+        "    assert out['classes'].shape == (3, 32, 32), out['classes'].shape\n"
+        "    np.testing.assert_allclose(tf.reduce_sum(out['probabilities'], -1), 1, atol=1e-5)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            script,
+            str(search_dir / "export" / "1"),
+            str(train_dir / "export" / "1"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
