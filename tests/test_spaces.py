@@ -14,6 +14,7 @@ import tensorflow as tf
 from configs import cifar
 from configs import cifar_train
 from keras_das.runs import data
+from keras_das.runs import experiment
 from keras_das.runs import search_lib
 from keras_das.runs import train_lib
 
@@ -255,3 +256,24 @@ def test_keras_file_must_exist(tmp_path):
     config.model.keras_file = str(tmp_path / "missing.keras")
     with pytest.raises(ValueError, match=r"config.model.keras_file=.*must be an existing"):
         train_lib.run(config, str(tmp_path / "w"), verbose=0)
+
+
+def test_run_export_without_the_tflite_files_tflite_cannot_convert(tmp_path):
+    """A binary's export (Experiment.export) keeps the SavedModel when TFLite fails (FFT is
+    no TFLite builtin) and says why, instead of failing the run after its training."""
+    inputs = keras.Input((8, 8, 3))
+    flat = keras.layers.Flatten()(inputs)
+    real, _ = keras.ops.fft((flat, keras.ops.zeros_like(flat)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(real))
+    config = cifar_train.get_config("smoke")
+    assert config.export.tflite
+    exp = experiment.Experiment(config, str(tmp_path), tf.distribute.get_strategy(), True)
+    info = data.DatasetInfo("images", 3, (8, 8, 3), (0.5,) * 3, (0.25,) * 3, 10, 10)
+    out = exp.export(model, info)
+    assert out["export"] == str(tmp_path / "export" / "1")
+    assert "FFT" in out["tflite_error"]
+    assert sorted(os.listdir(out["export"])) == ["assets", "fingerprint.pb", "saved_model.pb",
+                                                 "variables"]  # fmt: skip
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    served = tf.saved_model.load(out["export"]).signatures["serving_default"]
+    assert served(images=tf.constant(images))["classes"].shape == (2,)

@@ -112,7 +112,8 @@ def export(
             ``"model"``: the model has no Keras inputs, its outputs cannot be named, or
             ``mean``/``std``/``from_logits`` were given; ``version`` is invalid.
         FileExistsError: the version directory exists and ``overwrite`` is False.
-        RuntimeError: TFLite cannot convert the model (the converter's error is chained).
+        TFLiteConversionError: a ``RuntimeError``: TFLite cannot convert the model (the
+            converter's error is chained); nothing is written.
     """
     if signature not in SIGNATURES:
         raise ValueError(f"Unknown signature {signature!r}; expected one of {list(SIGNATURES)}")
@@ -290,6 +291,10 @@ def _named_outputs(model, outputs) -> dict:
     return named
 
 
+class TFLiteConversionError(RuntimeError):
+    """TFLite cannot convert the exported signature (the converter's error is chained)."""
+
+
 def _write_tflite(saved_model_dir: str) -> None:
     for filename, optimizations in (
         (TFLITE_FLOAT, []),
@@ -302,7 +307,7 @@ def _write_tflite(saved_model_dir: str) -> None:
         try:
             flatbuffer = converter.convert()
         except Exception as error:  # the converter raises its own ConverterError, and others
-            raise RuntimeError(
+            raise TFLiteConversionError(
                 f"TFLite cannot convert the {SIGNATURE_KEY!r} signature to {filename} (see the "
                 "error above); pass tflite=False (--notflite) to export the SavedModel alone"
             ) from error

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from keras_das import io_utils
+from keras_das.discrete import serving
 from keras_das.runs import callbacks as callbacks_lib
 from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import determinism
@@ -113,6 +114,32 @@ class Experiment:
         if nan_guard.failure is not None:
             raise FloatingPointError(nan_guard.message(self._shared.latest()))
         return {k: float(v[-1]) for k, v in history.history.items()}
+
+    def export(self, model, info, version: int | None = None) -> dict:
+        """Exports ``model`` (taking the dataset's images) to ``workdir/export/<version>``
+        for TF Serving, with TFLite files when ``config.export.tflite``; returns the
+        summary's entries. A model TFLite cannot convert (Keras's ``UpSampling2D`` leaves
+        TFLite a convolution of unknown height, for one) is exported without them, with a
+        warning and the converter's reason under ``tflite_error``: the SavedModel is what
+        the run promised, and the trained model must not be lost to the conversion."""
+        kwargs = dict(version=version, mean=info.mean, std=info.std, overwrite=True)
+        export_dir = os.path.join(self.workdir, "export")
+        try:
+            return {
+                "export": serving.export(
+                    model, export_dir, tflite=self.config.export.tflite, **kwargs
+                )
+            }
+        except serving.TFLiteConversionError as error:
+            reason = str(error.__cause__ or error).strip().splitlines()
+            logging.warning(
+                "TFLite cannot convert %s (%s); exporting the SavedModel without TFLite "
+                "files (--config.export.tflite=False skips the attempt)",
+                model.name,
+                reason[0] if reason else error,
+            )
+            path = serving.export(model, export_dir, tflite=False, **kwargs)
+            return {"export": path, "tflite_error": "\n".join(reason[:20])}
 
     def write_summary(self, name: str, summary: dict) -> None:
         """Writes ``summary`` as JSON to ``name`` in the workdir (other workers of a

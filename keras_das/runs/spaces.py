@@ -32,7 +32,6 @@ import time
 import keras
 
 from keras_das import io_utils
-from keras_das.discrete import serving
 from keras_das.discrete.discretize import discretize
 from keras_das.engine import remedies as remedies_lib
 from keras_das.engine import selection
@@ -203,15 +202,7 @@ class ModelSpace:
             with io_utils.atomic_path(os.path.join(workdir, "chosen.keras")) as tmp:
                 chosen_model.save(tmp)
             if self.config.export.enabled:
-                out["export"] = serving.export(
-                    chosen_model,
-                    os.path.join(workdir, "export"),
-                    version=1,
-                    mean=info.mean,
-                    std=info.std,
-                    tflite=self.config.export.tflite,
-                    overwrite=True,
-                )
+                out.update(exp.export(chosen_model, info, version=1))
         return out
 
 

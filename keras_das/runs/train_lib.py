@@ -23,7 +23,6 @@ import time
 import keras
 
 from keras_das import io_utils
-from keras_das.discrete import serving
 from keras_das.discrete import training
 from keras_das.discrete.discrete_network import DiscreteNetwork
 from keras_das.engine.schedules import EpochCosineDecay
@@ -140,14 +139,7 @@ def run(config, workdir: str, verbose: int | str = "auto") -> dict:
         with io_utils.atomic_path(os.path.join(workdir, "model.keras")) as tmp:
             final.save(tmp)  # the temporary name keeps the .keras suffix Keras requires
         if config.export.enabled:
-            summary["export"] = serving.export(
-                final,
-                os.path.join(workdir, "export"),
-                mean=info.mean,
-                std=info.std,
-                tflite=config.export.tflite,
-                overwrite=True,
-            )
+            summary.update(exp.export(final, info))
         exp.write_summary("train_summary.json", summary)
     return summary
 
