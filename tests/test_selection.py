@@ -89,3 +89,44 @@ def test_scores_of_a_real_supernet_match_a_direct_evaluation():
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="at least one validation batch"):
         selection.perturbation_scores(None, [], LOSS)
+
+
+def test_mixed_op_scores_of_a_user_model_match_a_forward_pass_written_out():
+    """DARTS-PT on a user's model: each score is the loss with one candidate's weight set to
+    zero (the others kept, not renormalised) minus the loss of the whole mixture, computed
+    here by calling the model's layers by hand with explicit mixing weights."""
+    from tests import user_models
+
+    info = type("Info", (), {"image_shape": (8, 8, 3), "num_classes": 3})()
+    model = user_models.functional(info)
+    rng = np.random.default_rng(0)
+    for mix in ("block_1", "block_2"):  # away from uniform, so the candidates differ
+        alpha = model.get_layer(mix).alpha
+        alpha.assign(rng.normal(size=alpha.shape).astype("float32"))
+    batches = [
+        (tf.constant(rng.normal(size=(4, 8, 8, 3)), tf.float32), tf.constant([0, 1, 2, 1]))
+        for _ in range(2)
+    ]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    stem, mix_1, pool, mix_2, gap, head = (
+        model.layers[i] for i in range(1, 7)
+    )  # Input, Conv2D, MixedOp, MaxPooling2D, MixedOp, GlobalAveragePooling2D, Dense
+
+    def loss_by_hand(w1, w2):
+        losses = []
+        for x, y in batches:
+            h = mix_2(pool(mix_1(stem(x), mixing_weights=w1)), mixing_weights=w2)
+            losses.append(float(loss_fn(y, head(gap(h)))))
+        return np.mean(losses)
+
+    base = [model.get_layer(n).get_mixing_weights() for n in ("block_1", "block_2")]
+    reference = loss_by_hand(*base)
+    scores = selection.mixed_op_scores(model, batches, loss_fn)
+    for index, name in enumerate(("block_1", "block_2")):
+        for c in range(3):
+            weights = [w.copy() for w in base]
+            weights[index][c] = 0.0
+            expected = loss_by_hand(*weights) - reference
+            assert scores[name][c] == pytest.approx(expected, rel=1e-4, abs=1e-6), (name, c)
+    choices = selection.mixed_op_choices(model, batches, loss_fn)
+    assert choices == {name: int(np.argmax(s)) for name, s in scores.items()}

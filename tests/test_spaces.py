@@ -277,3 +277,47 @@ def test_run_export_without_the_tflite_files_tflite_cannot_convert(tmp_path):
     images = np.zeros((2, 8, 8, 3), np.uint8)
     served = tf.saved_model.load(out["export"]).signatures["serving_default"]
     assert served(images=tf.constant(images))["classes"].shape == (2,)
+
+
+@pytest.mark.slow
+def test_darts_pt_selection_on_a_user_model(tmp_path):
+    """remedies.perturbation on a user model: each MixedOp keeps the candidate whose removal
+    raises the validation loss most, checked here by taking each candidate out by hand
+    (its alpha set to -inf, so softmax gives it no weight but does renormalise the rest:
+    a different perturbation, so only the chosen candidates are compared)."""
+    config = user_config(epochs=1)
+    config.remedies.perturbation.enabled = True
+    config.remedies.perturbation.batches = 2
+    config.export.enabled = False
+    summary = search_lib.run(config, str(tmp_path), verbose=0)
+    assert sorted(summary["argmax_chosen"]) == sorted(summary["chosen"]) == ["block_1", "block_2"]
+    assert summary["perturbation_selection_s"] > 0
+    with open(tmp_path / "chosen.json") as f:
+        assert json.load(f) == summary["chosen"]
+    model = keras.models.load_model(tmp_path / "chosen.keras")
+    names = [layer.name for layer in model.layers]
+    assert "block_1" in names and "block_2" in names
+
+
+def test_override_mixing_weights_inside_a_traced_function():
+    """One trace serves every set of override weights; outside the block the alpha rules."""
+    from keras_das import MixedOp
+    from keras_das.space import mixed_op
+
+    mix = MixedOp(["skip_connect", "avg_pool_3x3"], name="mix")
+    x = tf.random.stateless_normal((2, 4, 4, 3), seed=(1, 2))
+    mix(x)
+    traces = []
+
+    @tf.function
+    def forward(weights):
+        traces.append(1)
+        with mixed_op.override_mixing_weights({mix: weights}):
+            return mix(x)
+
+    skip = forward(tf.constant([1.0, 0.0]))
+    pool = forward(tf.constant([0.0, 1.0]))
+    np.testing.assert_allclose(skip, x, atol=1e-6)
+    assert not np.allclose(pool, x) and len(traces) == 1
+    w = mix.get_mixing_weights()  # the alpha's (1e-3-scale noise around uniform)
+    np.testing.assert_allclose(mix(x), w[0] * x + w[1] * pool, atol=1e-5)

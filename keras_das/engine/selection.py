@@ -14,7 +14,10 @@ the largest score, per node the ``k`` edges whose best op scores highest (with t
 skip cap and parameterised-path constraints as the alphas would get).
 
 Cost: one supernet forward pass per batch for each of 1 + 2 x edges x (ops - 1) mixtures
-(197 in the DARTS space). With given mixing weights the supernet runs without PC-DARTS's
+(197 in the DARTS space).
+
+A user's model with MixedOps (``mixed_op_choices``) is scored the same way, one MixedOp and
+one candidate at a time, and each MixedOp keeps the candidate whose removal hurts most. With given mixing weights the supernet runs without PC-DARTS's
 edge weights and DARTS-'s auxiliary skip (see ``SearchNetwork.call``), so with those
 remedies the scores measure the plain mixture.
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from keras_das.space import mixed_op as mixed_op_lib
 
 
 def perturbation_scores(net, batches, loss_fn) -> dict[str, np.ndarray]:
@@ -74,3 +79,51 @@ def perturbation_genotype(net, batches, loss_fn):
     low = finite.min() - 1.0
     weights = {cell: np.where(np.isfinite(s), s - low, 0.0) for cell, s in scores.items()}
     return net.genotype(weights=weights)
+
+
+def mixed_op_scores(model, batches, loss_fn) -> dict[str, np.ndarray]:
+    """How much removing each candidate of each MixedOp (that owns its alpha) raises the
+    loss of ``model`` on ``batches``: ``{MixedOp name: [candidates]}``, ``-inf`` for
+    ``none``. The other MixedOps keep their mixtures."""
+    if not batches:
+        raise ValueError("mixed_op_scores needs at least one validation batch")
+    mixes = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, mixed_op_lib.MixedOp) and layer.owns_alpha
+    ]
+    if not mixes:
+        raise ValueError(f"Model {model.name!r} has no MixedOp with its own alpha to score")
+
+    @tf.function(reduce_retracing=True)
+    def batch_loss(x, y, weights):
+        with mixed_op_lib.override_mixing_weights(dict(zip(mixes, weights))):
+            return loss_fn(y, model(x, training=False))
+
+    base = [mix.get_mixing_weights().astype(np.float64) for mix in mixes]
+
+    def mean_loss(weights) -> float:
+        tensors = [tf.constant(w, dtype=mix.compute_dtype) for w, mix in zip(weights, mixes)]
+        return float(np.mean([batch_loss(x, y, tensors).numpy() for x, y in batches]))
+
+    reference = mean_loss(base)
+    scores = {}
+    for index, mix in enumerate(mixes):
+        score = np.full(base[index].shape, -np.inf)
+        for op, name in enumerate(mix.candidate_names):
+            if name == "none":
+                continue
+            kept, base[index][op] = base[index][op], 0.0
+            score[op] = mean_loss(base) - reference
+            base[index][op] = kept
+        scores[mix.name] = score
+    return scores
+
+
+def mixed_op_choices(model, batches, loss_fn) -> dict[str, int]:
+    """Each MixedOp's candidate by DARTS-PT (``mixed_op_scores``), as ``discretize`` takes
+    ``choices``: ``{MixedOp name: candidate index}``."""
+    return {
+        name: int(np.argmax(score))
+        for name, score in mixed_op_scores(model, batches, loss_fn).items()
+    }

@@ -17,7 +17,8 @@ supernet is made and where its decision is read and written, and each is one cla
   (``--config.model.keras_file``).
 
 The DARTS-only remedies (those that act on cells, edges and genotypes) are refused for a
-user model when the config is checked.
+user model when the config is checked; DARTS-PT's selection (``remedies.perturbation``)
+works on both (per edge, or per MixedOp).
 """
 
 from __future__ import annotations
@@ -51,12 +52,11 @@ DARTS_ONLY_REMEDIES = (
     "aux_skip",
     "partial_channels",
     "latency",
-    "perturbation",
 )
 
 # The loss every search binary optimises: integer labels (a class per example, or per
 # pixel) against logits on the last axis.
-LOSS = "sparse_categorical_crossentropy (from logits)"
+LOSS_FN = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def from_config(config, remedies: remedies_lib.RemedyPlan):
@@ -181,7 +181,16 @@ class ModelSpace:
         ``chosen.json``, ``chosen.keras`` and ``export/<version>/``; returns the summary's
         entries."""
         workdir, info, out = exp.workdir, search_data.info, {}
-        chosen_model = discretize(search.supernet)
+        choices = None  # each MixedOp's argmax
+        if self.remedies.perturbation_batches:
+            out["argmax_chosen"] = model_decision(search)["chosen"]
+            start = time.time()
+            _, val = search_data.streams(seed=search_data.seed + 1)
+            choices = selection.mixed_op_choices(
+                search.supernet, list(val.take(self.remedies.perturbation_batches)), LOSS_FN
+            )
+            out["perturbation_selection_s"] = time.time() - start
+        chosen_model = discretize(search.supernet, choices)
         if self.remedies.gap_report_batches is not None and exp.chief:
             train, val = search_data.streams(seed=search_data.seed + 1)
             steps = search_data.steps_per_epoch
@@ -195,7 +204,7 @@ class ModelSpace:
                 recalibration_steps=min(self.remedies.gap_report_batches, steps),
             )
             _write_json(os.path.join(workdir, "gap_report.json"), out["gap_report"])
-        out.update(model_decision(search))
+        out.update(model_decision(search, choices))
         logging.info("%s", describe_choices(out))
         if exp.chief:
             _write_json(os.path.join(workdir, "chosen.json"), out["chosen"])
@@ -211,8 +220,7 @@ def select_by_perturbation(search_data, net, remedies) -> Genotype:
     with the next seed, as the gap report's)."""
     _, val = search_data.streams(seed=search_data.seed + 1)
     batches = list(val.take(remedies.perturbation_batches))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return selection.perturbation_genotype(net, batches, loss)
+    return selection.perturbation_genotype(net, batches, LOSS_FN)
 
 
 def genotype_decision(search, genotype: Genotype, num_ops: int) -> dict:
@@ -230,9 +238,10 @@ def genotype_decision(search, genotype: Genotype, num_ops: int) -> dict:
     }
 
 
-def model_decision(search) -> dict:
+def model_decision(search, choices: dict[str, int] | None = None) -> dict:
     """The summary's account of what a user model's search decided: each MixedOp's chosen
-    op, mixing weights and mixing entropy (against the uniform mix's, ln of its candidates)."""
+    op (``choices``, e.g. DARTS-PT's, else the argmax), mixing weights and mixing entropy
+    (against the uniform mix's, ln of its candidates)."""
     mixed_ops = [
         layer
         for layer in search.supernet._flatten_layers(include_self=False)
@@ -240,7 +249,10 @@ def model_decision(search) -> dict:
     ]
     weights = {mix.name: mix.get_mixing_weights() for mix in mixed_ops}
     return {
-        "chosen": {mix.name: mix.chosen_name() for mix in mixed_ops},
+        "chosen": {
+            mix.name: mix.candidate_names[choices[mix.name]] if choices else mix.chosen_name()
+            for mix in mixed_ops
+        },
         "candidates": {mix.name: list(mix.candidate_names) for mix in mixed_ops},
         "mixing_weights": {name: w.tolist() for name, w in weights.items()},
         "alphas": {a.path: a.numpy().tolist() for a in search.arch_vars},

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Mapping
+
 import keras
 import numpy as np
 from keras import layers
@@ -215,6 +219,8 @@ class MixedOp(layers.Layer):
 
     def call(self, inputs, mixing_weights=None, training=None):
         if mixing_weights is None:
+            mixing_weights = getattr(_overrides, "weights", {}).get(id(self))
+        if mixing_weights is None:
             mixing_weights = self.compute_mixing_weights(bool(training))
         mixing_weights = keras.ops.cast(mixing_weights, self.compute_dtype)
         if self.partial_channels > 1:
@@ -317,3 +323,24 @@ def _channel_adapter(width: int, rank: int, dtype) -> layers.Layer:
     if rank == 4:
         return layers.Conv2D(width, 1, use_bias=False, dtype=dtype)
     return layers.Dense(width, use_bias=False, dtype=dtype)
+
+
+_overrides = threading.local()
+
+
+@contextlib.contextmanager
+def override_mixing_weights(weights: Mapping[MixedOp, object]):
+    """Within the block, each MixedOp in ``weights`` mixes its candidates with the given
+    weights (``[n]``) instead of its alpha's, wherever the model calls it (a call that
+    passes ``mixing_weights`` itself still wins). Inside a ``tf.function`` the weights may be
+    the function's arguments, so one trace serves every set of weights.
+
+    DARTS-PT's selection on a user's model (``keras_das.engine.selection``) uses it to take
+    one candidate out of one MixedOp at a time.
+    """
+    previous = getattr(_overrides, "weights", {})
+    _overrides.weights = {**previous, **{id(mix): w for mix, w in weights.items()}}
+    try:
+        yield
+    finally:
+        _overrides.weights = previous
