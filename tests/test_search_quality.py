@@ -30,7 +30,7 @@ def _jobs(records, tmp_path):
 def test_a_fresh_study_plans_every_search_and_the_known_retrains(tmp_path):
     jobs = _jobs({"search": {}, "retrain": {}}, tmp_path)
     searches = [j.name for j in jobs if j.kind == "search"]
-    assert len(searches) == 11 and "first_order_s2" in searches and "exact_s1" in searches
+    assert len(searches) == 12 and "first_order_s2" in searches and "exact_s1" in searches
     retrains = [j.name for j in jobs if j.kind == "retrain"]
     # 10 random + 2 references, 2 seeds each, and 3 more seeds of DARTS_V2.
     assert len(retrains) == 12 * 2 + 3 and "random_9__s1" in retrains

@@ -268,9 +268,16 @@ def describe_genotype(summary: dict) -> str:
     lines = [f"Search result (mixing entropy, mean over edges in nats; uniform: {uniform:.4f}):"]
     for name, value in summary["mixing_entropy"].items():
         lines.append(f"  {name}: entropy {value:.4f}")
+    argmax = summary.get("argmax_genotype")
+    argmax = Genotype.from_dict(argmax) if argmax else None
     for cell in ("normal", "reduce"):
         counts = collections.Counter(op for op, _ in getattr(genotype, cell))
         chosen = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
+        if argmax is not None:
+            kept = len(
+                set(map(tuple, getattr(genotype, cell))) & set(map(tuple, getattr(argmax, cell)))
+            )
+            chosen += f" (DARTS-PT; {kept} of {len(getattr(genotype, cell))} edges as the argmax)"
         lines.append(f"  {cell} cell chose: {chosen}")
     return "\n".join(lines)
 
