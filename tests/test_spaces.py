@@ -227,8 +227,8 @@ def test_builder_returning_the_wrong_model(builder, message, tmp_path):
 
 def test_darts_only_remedies_are_refused_for_a_user_model(tmp_path):
     config = user_config()
-    config.remedies.perturbation.enabled = True
-    with pytest.raises(ValueError, match=r"config.remedies.perturbation acts on DARTS cells"):
+    config.remedies.skip_cap.enabled = True
+    with pytest.raises(ValueError, match=r"config.remedies.skip_cap acts on DARTS cells"):
         search_lib.run(config, str(tmp_path / "w"), verbose=0)
     assert not (tmp_path / "w").exists()
 
