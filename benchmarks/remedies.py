@@ -48,6 +48,9 @@ def base_config(args):
     config.model.op_names = SPACES[args.space]
     config.arch.lr = args.arch_lr
     config.deterministic = False
+    # Vanilla DARTS derives by the argmax of the alphas; DARTS-PT's selection (the default
+    # config's) is measured by benchmarks/search_quality.py.
+    config.remedies.perturbation.enabled = False
     return config
 
 

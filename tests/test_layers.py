@@ -15,6 +15,7 @@ from keras.src.saving import saving_lib
 
 import keras_das
 from keras_das.discrete import discrete_network
+from keras_das.discrete import training
 from keras_das.engine import search_model
 from keras_das.space import fused_batch_norm
 from keras_das.space import fused_cell
@@ -34,6 +35,12 @@ GENE = (("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 2), ("sep_con
 
 def _single(make, inputs=X, **kwargs):
     return make, lambda layer: layer(inputs, training=False, **kwargs)
+
+
+def _plain_model():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
 
 
 def _cell(cls):
@@ -102,6 +109,8 @@ LAYERS = {
         ),
         inputs=IMAGES,
     ),
+    # The retrain binary's trainer of a plain .keras architecture.
+    "Retraining": _single(lambda: training.Retraining(_plain_model()), inputs=IMAGES),
 }
 # Registered, but not layers a user builds: the base class of composite ops, and the
 # learning-rate schedule (its config round trip is tested in test_search_model.py).

@@ -5,12 +5,12 @@ checkpoints and alpha history, decision, outputs. The two spaces differ only whe
 supernet is made and where its decision is read and written, and each is one class here:
 
 - ``CellSpace`` (``model.builder`` unset): the DARTS ``SearchNetwork`` the ``model``
-  section describes; its decision is a genotype (argmax, or DARTS-PT's selection), the gap
+  section describes; its decision is a genotype (DARTS-PT's selection, or the argmax), the gap
   report compares it with the ``DiscreteNetwork`` it derives, and the run writes
   ``genotype.json`` for ``keras_das.train`` to retrain.
 - ``ModelSpace`` (``model.builder="package.module:function"``): the Keras model the user's
   function builds from the ``DatasetInfo``, with MixedOps where it searches; its decision
-  is one op per MixedOp (the argmax), the gap report compares the supernet with its
+  is one op per MixedOp (DARTS-PT's, or the argmax), the gap report compares the supernet with its
   ``keras_das.discretize`` copy, and the run writes that copy as ``chosen.keras`` (Keras
   layers only where the ops are Keras's or keras_das's named ops) and exports it for TF
   Serving. ``keras_das.train`` retrains ``chosen.keras`` from scratch
