@@ -200,7 +200,7 @@ def test_subclassed_user_model(tmp_path):
         ("tests.user_models", "must name a function as 'package.module:function'"),
         ("tests.no_such_module:build", "cannot import 'tests.no_such_module'"),
         ("examples/no_such_file.py:build", "cannot import 'examples/no_such_file.py'"),
-        ("tests.user_models:missing", "has no 'missing'; its functions: ['functional', "),
+        ("tests.user_models:missing", "has no 'missing'; its functions: ['any_size', 'functional', "),
         ("tests.user_models:CANDIDATES", "has a non-callable 'CANDIDATES'"),
     ],
 )
@@ -322,3 +322,21 @@ def test_override_mixing_weights_inside_a_traced_function():
     assert not np.allclose(pool, x) and len(traces) == 1
     w = mix.get_mixing_weights()  # the alpha's (1e-3-scale noise around uniform)
     np.testing.assert_allclose(mix(x), w[0] * x + w[1] * pool, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_of_any_image_size_is_searched_exported_and_retrained(tmp_path):
+    """keras.Input((None, None, C)) fits the dataset; the export serves the dataset's size."""
+    search_dir = tmp_path / "search"
+    summary = search_lib.run(user_config("tests.user_models:any_size", epochs=1), str(search_dir))
+    served = tf.saved_model.load(summary["export"]).signatures["serving_default"]
+    _, spec = served.structured_input_signature
+    assert spec["images"].shape.as_list() == [None, 32, 32, 3]
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    assert served(images=tf.constant(images))["probabilities"].shape == (2, 10)
+    config = cifar_train.get_config("smoke")
+    config.model.keras_file = str(search_dir / "chosen.keras")
+    config.data.num_examples, config.data.num_test_examples = 64, 32
+    config.data.batch_size, config.epochs, config.export.tflite = 16, 1, False
+    trained = train_lib.run(config, str(tmp_path / "retrain"), verbose=0)
+    assert 0 <= trained["test_accuracy"] <= 1

@@ -53,3 +53,12 @@ def wrong_input(info) -> keras.Model:
 
 def not_a_source(data_config):
     return ("images", "labels")
+
+
+def any_size(info) -> keras.Model:
+    """A fully convolutional classifier that takes images of any height and width."""
+    inputs = keras.Input((None, None, info.image_shape[-1]))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras_das.MixedOp(CANDIDATES, name="block")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(info.num_classes)(x), name="user_any_size")

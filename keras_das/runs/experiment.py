@@ -122,6 +122,11 @@ class Experiment:
         TFLite a convolution of unknown height, for one) is exported without them, with a
         warning and the converter's reason under ``tflite_error``: the SavedModel is what
         the run promised, and the trained model must not be lost to the conversion."""
+        inputs = getattr(model, "inputs", None)
+        if inputs and len(inputs) == 1 and None in tuple(inputs[0].shape)[1:]:
+            # A model of any image size (fully convolutional) serves the dataset's size.
+            images = keras.Input(info.image_shape)
+            model = keras.Model(images, model(images), name=model.name)
         kwargs = dict(version=version, mean=info.mean, std=info.std, overwrite=True)
         export_dir = os.path.join(self.workdir, "export")
         try:

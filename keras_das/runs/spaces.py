@@ -162,7 +162,7 @@ class ModelSpace:
                 f"got {type(model).__name__}"
             )
         inputs = getattr(model, "inputs", None)
-        if inputs and (len(inputs) != 1 or tuple(inputs[0].shape[1:]) != tuple(info.image_shape)):
+        if inputs and (len(inputs) != 1 or not info.fits(inputs[0].shape)):
             raise ValueError(
                 f"config.model.builder={reference!r} built {model.name!r} with inputs "
                 f"{[tuple(x.shape) for x in inputs]}; the dataset {info.name!r} gives image "

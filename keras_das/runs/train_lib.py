@@ -183,8 +183,8 @@ def build_network(config, genotype: Genotype | None, info, steps_per_epoch: int)
 def fresh_copy(path: str, info) -> keras.Model:
     """The architecture of the ``.keras`` model at ``path``, with newly initialised weights."""
     loaded = keras.models.load_model(path, compile=False)
-    shape = tuple(loaded.inputs[0].shape[1:]) if getattr(loaded, "inputs", None) else None
-    if shape is not None and (len(loaded.inputs) != 1 or shape != tuple(info.image_shape)):
+    inputs = getattr(loaded, "inputs", None)
+    if inputs and (len(inputs) != 1 or not info.fits(inputs[0].shape)):
         raise ValueError(
             f"config.model.keras_file={path!r} takes inputs "
             f"{[tuple(x.shape) for x in loaded.inputs]}; the dataset {info.name!r} gives "

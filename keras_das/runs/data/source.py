@@ -38,6 +38,14 @@ class DatasetInfo:
     num_test: int
     label_shape: tuple[int, ...] = ()
 
+    def fits(self, input_shape) -> bool:
+        """Whether a model input of ``input_shape`` (batch axis first; None: any size)
+        takes this dataset's image batches."""
+        dims = tuple(input_shape)[1:]
+        return len(dims) == len(self.image_shape) and all(
+            d is None or d == s for d, s in zip(dims, self.image_shape)
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
