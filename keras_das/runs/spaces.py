@@ -177,9 +177,11 @@ class ModelSpace:
         return callbacks_lib.MixedOpArtifacts(workdir, history, tensorboard_dir)
 
     def finish(self, exp, search, search_data, history) -> dict:
-        """Discretizes the supernet (argmax of every MixedOp), writes ``gap_report.json``,
-        ``chosen.json``, ``chosen.keras`` and ``export/<version>/``; returns the summary's
-        entries."""
+        """Discretizes the supernet (each MixedOp's candidate by DARTS-PT's selection, or
+        its argmax), writes ``gap_report.json``, ``chosen.json``, ``chosen.keras`` and
+        ``export/1/``; returns the summary's entries. With the gap report on,
+        ``chosen.keras`` keeps the batch-norm statistics recalibrated for it there (not the
+        supernet's, gathered under the mixture)."""
         workdir, info, out = exp.workdir, search_data.info, {}
         choices = None  # each MixedOp's argmax
         if self.remedies.perturbation_batches:
