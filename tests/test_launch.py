@@ -63,3 +63,20 @@ def test_serving_client_request_matches_the_exported_signature(tmp_path):
     np.testing.assert_array_equal(np.asarray(body["inputs"]["images"], dtype=np.uint8), images)
     with pytest.raises(ValueError, match="uint8"):
         client.request_body(images.astype(np.float32))
+
+
+def test_serving_client_describes_classes_per_image_and_per_pixel():
+    sys.path.insert(0, os.path.join(ROOT, "launch", "serving"))
+    try:
+        import client
+    finally:
+        sys.path.pop(0)
+    per_image = {"classes": np.array([1, 0]), "probabilities": np.array([[0.2, 0.8], [0.6, 0.4]])}
+    assert client.describe(per_image) == ["0: class 1 (p=0.800)", "1: class 0 (p=0.600)"]
+    per_pixel = {
+        "classes": np.array([[[0, 2], [2, 2]]]),
+        "probabilities": np.full((1, 2, 2, 3), 1 / 3),
+    }
+    assert client.describe(per_pixel) == [
+        "0: pixels by class: class 0: 25.0%, class 1: 0.0%, class 2: 75.0%"
+    ]

@@ -200,7 +200,10 @@ def test_subclassed_user_model(tmp_path):
         ("tests.user_models", "must name a function as 'package.module:function'"),
         ("tests.no_such_module:build", "cannot import 'tests.no_such_module'"),
         ("examples/no_such_file.py:build", "cannot import 'examples/no_such_file.py'"),
-        ("tests.user_models:missing", "has no 'missing'; its functions: ['any_size', 'functional', "),
+        (
+            "tests.user_models:missing",
+            "has no 'missing'; its functions: ['any_size', 'functional', ",
+        ),
         ("tests.user_models:CANDIDATES", "has a non-callable 'CANDIDATES'"),
     ],
 )

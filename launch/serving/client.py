@@ -1,4 +1,5 @@
-"""A TF Serving REST client for a keras_das export: uint8 images in, classes out.
+"""A TF Serving REST client for a keras_das export: uint8 images in, classes out (one per
+image for a classifier, one per pixel for a per-pixel model such as a segmentation).
 
     python launch/serving/client.py --server=http://localhost:8501 --images=batch.npy
 
@@ -49,8 +50,20 @@ def main():
     parser.add_argument("--images", required=True, help=".npy file of uint8 [N, H, W, C]")
     args = parser.parse_args()
     result = predict(args.server, np.load(args.images), args.model)
+    print("\n".join(describe(result)))
+
+
+def describe(result: dict) -> list[str]:
+    """One line per image: its class and probability, or its pixels' classes by count."""
+    lines = []
     for i, (c, p) in enumerate(zip(result["classes"], result["probabilities"])):
-        print(f"{i}: class {int(c)} (p={float(p[int(c)]):.3f})")
+        if np.ndim(c) == 0:
+            lines.append(f"{i}: class {int(c)} (p={float(p[int(c)]):.3f})")
+        else:
+            counts = np.bincount(np.ravel(c).astype(int), minlength=np.shape(p)[-1])
+            share = ", ".join(f"class {k}: {n / np.size(c):.1%}" for k, n in enumerate(counts))
+            lines.append(f"{i}: pixels by class: {share}")
+    return lines
 
 
 if __name__ == "__main__":
