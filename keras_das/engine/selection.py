@@ -87,11 +87,7 @@ def mixed_op_scores(model, batches, loss_fn) -> dict[str, np.ndarray]:
     ``none``. The other MixedOps keep their mixtures."""
     if not batches:
         raise ValueError("mixed_op_scores needs at least one validation batch")
-    mixes = [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, mixed_op_lib.MixedOp) and layer.owns_alpha
-    ]
+    mixes = mixed_op_lib.alpha_owning_mixed_ops(model)
     if not mixes:
         raise ValueError(f"Model {model.name!r} has no MixedOp with its own alpha to score")
 

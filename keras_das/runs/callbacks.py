@@ -13,7 +13,7 @@ from keras_das import io_utils
 from keras_das.runs import plot
 from keras_das.space import relaxations
 from keras_das.space import topology
-from keras_das.space import variables
+from keras_das.space.mixed_op import alpha_owning_mixed_ops
 
 
 class MixingWeightsHistory(keras.callbacks.Callback):
@@ -180,7 +180,26 @@ class DropPathSchedule(keras.callbacks.Callback):
         self.model.drop_path_rate.assign(self.rate * epoch / self.epochs)
 
 
-class SearchArtifacts(keras.callbacks.Callback):
+class _Artifacts(keras.callbacks.Callback):
+    """What the two artifact writers share: the workdir, the run's history, and a summary
+    writer for ``tensorboard_dir`` made on first use."""
+
+    def __init__(
+        self, workdir: str, history: MixingWeightsHistory, tensorboard_dir: str | None = None
+    ):
+        super().__init__()
+        self.workdir = workdir
+        self.history = history
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    def _summary_writer(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+        return self._writer
+
+
+class SearchArtifacts(_Artifacts):
     """Writes what a DARTS search produces after every epoch, each file atomically.
 
     - ``genotypes/epoch_NNN.json``, the derivation of the epoch (the history's);
@@ -194,15 +213,6 @@ class SearchArtifacts(keras.callbacks.Callback):
         history: the ``MixingWeightsHistory`` of the run.
         tensorboard_dir: where to write the mixing-weight summaries (None: not written).
     """
-
-    def __init__(
-        self, workdir: str, history: MixingWeightsHistory, tensorboard_dir: str | None = None
-    ):
-        super().__init__()
-        self.workdir = workdir
-        self.history = history
-        self.tensorboard_dir = tensorboard_dir
-        self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         net = self.history.supernet
@@ -226,9 +236,7 @@ class SearchArtifacts(keras.callbacks.Callback):
             self._write_summaries(epoch + 1, net, labels)
 
     def _write_summaries(self, step, net, labels):
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
-        with self._writer.as_default():
+        with self._summary_writer().as_default():
             for cell, weights in net.get_mixing_weights().items():
                 for e, label in enumerate(labels):
                     for o, op in enumerate(net.op_names):
@@ -237,7 +245,7 @@ class SearchArtifacts(keras.callbacks.Callback):
         self._writer.flush()
 
 
-class MixedOpArtifacts(keras.callbacks.Callback):
+class MixedOpArtifacts(_Artifacts):
     """Writes what a search of a user's model produces after every epoch, each file
     atomically: ``alphas/<MixedOp>.png`` (each MixedOp's mixing weights over epochs, from a
     ``MixingWeightsHistory``) and the TensorBoard scalars ``mixing_weights/<MixedOp>/<op>``
@@ -249,21 +257,8 @@ class MixedOpArtifacts(keras.callbacks.Callback):
         tensorboard_dir: where to write the mixing-weight summaries (None: not written).
     """
 
-    def __init__(
-        self, workdir: str, history: MixingWeightsHistory, tensorboard_dir: str | None = None
-    ):
-        super().__init__()
-        self.workdir = workdir
-        self.history = history
-        self.tensorboard_dir = tensorboard_dir
-        self._writer = None
-
     def on_epoch_end(self, epoch, logs=None):
-        owners = {
-            owner.name: owner
-            for owner in variables.arch_owners(self.history.supernet)
-            if hasattr(owner, "candidate_names")
-        }
+        owners = {mix.name: mix for mix in alpha_owning_mixed_ops(self.history.supernet)}
         for name, owner in owners.items():
             weights = self.history.weights.get(name)
             if weights:
@@ -275,9 +270,7 @@ class MixedOpArtifacts(keras.callbacks.Callback):
                     title=f"{name}: mixing weights by epoch",
                 )
         if self.tensorboard_dir:
-            if self._writer is None:
-                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
-            with self._writer.as_default():
+            with self._summary_writer().as_default():
                 for name, owner in owners.items():
                     for op, w in zip(owner.candidate_names, self.history.weights[name][-1]):
                         tf.summary.scalar(f"mixing_weights/{name}/{op}", w, step=epoch + 1)

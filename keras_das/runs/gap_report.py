@@ -103,7 +103,8 @@ def model_report(
         latency_repeats: timed inferences for the latency (median).
     """
     supernet_acc = accuracy(supernet, val_ds, steps)
-    if _batch_norms(chosen):
+    recalibrated = recalibration_steps if _batch_norms(chosen) else 0
+    if recalibrated:
         recalibrate_batch_norm(chosen, train_ds, recalibration_steps)
     chosen_acc = accuracy(chosen, val_ds, steps)
     return {
@@ -111,7 +112,7 @@ def model_report(
         "derived_val_accuracy_inherited_weights": chosen_acc,
         "gap": supernet_acc - chosen_acc,
         "val_batches": steps,
-        "bn_recalibration_batches": recalibration_steps if _batch_norms(chosen) else 0,
+        "bn_recalibration_batches": recalibrated,
         "derived_network": {
             "parameters": variables.count_weights(chosen.trainable_variables),
             "flops": count_flops(chosen, input_shape),

@@ -41,7 +41,7 @@ from keras_das.runs import gap_report
 from keras_das.runs import plugins
 from keras_das.space import relaxations
 from keras_das.space.genotype import Genotype
-from keras_das.space.mixed_op import MixedOp
+from keras_das.space.mixed_op import alpha_owning_mixed_ops
 from keras_das.space.search_network import SearchNetwork
 
 # Remedies that act on DARTS cells, edges or genotypes, by their config field.
@@ -161,13 +161,9 @@ class ModelSpace:
                 f"config.model.builder={reference!r} must return a keras.Model with MixedOps, "
                 f"got {type(model).__name__}"
             )
-        inputs = getattr(model, "inputs", None)
-        if inputs and (len(inputs) != 1 or not info.fits(inputs[0].shape)):
-            raise ValueError(
-                f"config.model.builder={reference!r} built {model.name!r} with inputs "
-                f"{[tuple(x.shape) for x in inputs]}; the dataset {info.name!r} gives image "
-                f"batches (None, {', '.join(map(str, info.image_shape))})"
-            )
+        info.check_inputs(
+            model, f"config.model.builder={reference!r} built {model.name!r} with inputs"
+        )
         return model
 
     def latency_tables(self, supernet, image_shape):
@@ -244,11 +240,7 @@ def model_decision(search, choices: dict[str, int] | None = None) -> dict:
     """The summary's account of what a user model's search decided: each MixedOp's chosen
     op (``choices``, e.g. DARTS-PT's, else the argmax), mixing weights and mixing entropy
     (against the uniform mix's, ln of its candidates)."""
-    mixed_ops = [
-        layer
-        for layer in search.supernet._flatten_layers(include_self=False)
-        if isinstance(layer, MixedOp) and layer.owns_alpha
-    ]
+    mixed_ops = alpha_owning_mixed_ops(search.supernet)
     weights = {mix.name: mix.get_mixing_weights() for mix in mixed_ops}
     return {
         "chosen": {

@@ -183,13 +183,7 @@ def build_network(config, genotype: Genotype | None, info, steps_per_epoch: int)
 def fresh_copy(path: str, info) -> keras.Model:
     """The architecture of the ``.keras`` model at ``path``, with newly initialised weights."""
     loaded = keras.models.load_model(path, compile=False)
-    inputs = getattr(loaded, "inputs", None)
-    if inputs and (len(inputs) != 1 or not info.fits(inputs[0].shape)):
-        raise ValueError(
-            f"config.model.keras_file={path!r} takes inputs "
-            f"{[tuple(x.shape) for x in loaded.inputs]}; the dataset {info.name!r} gives "
-            f"image batches (None, {', '.join(map(str, info.image_shape))})"
-        )
+    info.check_inputs(loaded, f"config.model.keras_file={path!r} takes inputs")
     return keras.models.clone_model(loaded)  # new layers, new initial weights
 
 

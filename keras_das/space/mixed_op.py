@@ -325,6 +325,16 @@ def _channel_adapter(width: int, rank: int, dtype) -> layers.Layer:
     return layers.Dense(width, use_bias=False, dtype=dtype)
 
 
+def alpha_owning_mixed_ops(model: keras.layers.Layer) -> list[MixedOp]:
+    """The MixedOps of ``model`` that own their alpha (each makes its own choice), in the
+    order Keras tracks them; MixedOps sharing an owner's alpha are left out."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, MixedOp) and layer.owns_alpha
+    ]
+
+
 _overrides = threading.local()
 
 

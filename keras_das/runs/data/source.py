@@ -38,13 +38,23 @@ class DatasetInfo:
     num_test: int
     label_shape: tuple[int, ...] = ()
 
-    def fits(self, input_shape) -> bool:
-        """Whether a model input of ``input_shape`` (batch axis first; None: any size)
-        takes this dataset's image batches."""
-        dims = tuple(input_shape)[1:]
-        return len(dims) == len(self.image_shape) and all(
-            d is None or d == s for d, s in zip(dims, self.image_shape)
-        )
+    def check_inputs(self, model, what: str) -> None:
+        """Raises a ValueError, starting with ``what``, unless ``model`` takes one input that
+        fits this dataset's image batches (None: any size); a model with no Keras inputs
+        yet (subclassed) passes."""
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            return
+        dims = tuple(inputs[0].shape)[1:]
+        if (
+            len(inputs) != 1
+            or len(dims) != len(self.image_shape)
+            or any(d is not None and d != s for d, s in zip(dims, self.image_shape))
+        ):
+            raise ValueError(
+                f"{what} {[tuple(x.shape) for x in inputs]}; the dataset {self.name!r} gives "
+                f"image batches (None, {', '.join(map(str, self.image_shape))})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
