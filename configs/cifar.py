@@ -128,7 +128,7 @@ def _remedies() -> ml_collections.ConfigDict:
             # DARTS-PT's selection: each edge keeps the op whose removal raises the
             # supernet's validation loss most (on `batches` batches), not the largest alpha.
             # On by default: in benchmarks/search_quality.py's full study (real CIFAR-10)
-            # its cells retrained to 0.5981 +- 0.0182 over 3 searches against the argmax's
+            # its cells retrained to 0.5995 +- 0.0195 over 3 searches against the argmax's
             # 0.5787 +- 0.0170 and random cells' 0.5676 +- 0.0135 (10 draws). It costs ~200
             # supernet evaluations of `batches` batches at the end of a search.
             "perturbation": {"enabled": True, "batches": 4},
