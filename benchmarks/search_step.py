@@ -78,7 +78,13 @@ def cpu_description() -> str:
 
 
 def measure(
-    size: str, mode: str, steps: int, warmup: int, implementation: str, partial_channels: int
+    size: str,
+    mode: str,
+    steps: int,
+    warmup: int,
+    implementation: str,
+    partial_channels: int,
+    graph: str = "short",
 ) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
@@ -89,7 +95,11 @@ def measure(
     import keras
 
     import keras_das
-    from keras_das import kernels
+    from keras_das.runs import graph_options
+    from keras_das.space import kernels
+
+    if graph == "short":  # as the binaries run
+        graph_options.shorten_graph_optimization()
 
     spec = SIZES[size]
     keras.utils.set_random_seed(0)
@@ -138,6 +148,7 @@ def measure(
         "implementation": net.cell_implementation,
         "kernels": "grouped" if kernels.grouped_conv_gradient_supported() else "blockdiag",
         "partial_channels": partial_channels,
+        "graph_options": graph,
         "s_per_step": median,
         "images_per_s": batch / median,
         "first_step_s": trace_s,
@@ -196,6 +207,8 @@ def run_ours(args, size: str, mode: str, k: int, onednn: str) -> dict | None:
         str(args.warmup),
         "--implementation",
         args.implementation,
+        "--graph_options",
+        args.graph_options,
     ]
     return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env))
 
@@ -233,6 +246,12 @@ def main():
         default=[1],
         help="PC-DARTS K values to run (1: every channel through the ops)",
     )
+    parser.add_argument(
+        "--graph_options",
+        default="short",
+        choices=("short", "default"),
+        help="Grappler options: the binaries' (keras_das.runs.graph_options) or TF's defaults",
+    )
     parser.add_argument("--peer_python", help="a Python with PyTorch, to time official DARTS")
     parser.add_argument("--peer_dir", help="the official DARTS code (its cnn/ folder)")
     parser.add_argument(
@@ -246,7 +265,19 @@ def main():
     args = parser.parse_args()
     if args.child:
         size, mode, k = args.child
-        print(json.dumps(measure(size, mode, args.steps, args.warmup, args.implementation, int(k))))
+        print(
+            json.dumps(
+                measure(
+                    size,
+                    mode,
+                    args.steps,
+                    args.warmup,
+                    args.implementation,
+                    int(k),
+                    args.graph_options,
+                )
+            )
+        )
         return
     if bool(args.peer_python) != bool(args.peer_dir):
         parser.error("--peer_python and --peer_dir go together")

@@ -187,3 +187,29 @@ def test_unknown_architect_is_rejected_at_compile():
     sm = keras_das.SearchModel(_smooth_supernet())
     with pytest.raises(ValueError, match=r"Unknown architect 'third_order'.*first_order"):
         sm.compile(architect="third_order")
+
+
+def test_a_traced_step_traces_one_pass_and_steps_as_the_eager_step(float64):
+    """A second-order step evaluates the supernet five times (train and virtual weights,
+    w +- eps * u, the weight step); traced, one trace of the architect's pass serves all
+    five, and the step moves every variable (alphas, weights, momentum, batch-norm moving
+    statistics) as the eager step, where each pass runs on its own, does."""
+    eager, traced = _search_model("second_order"), _search_model("second_order")
+    train, val = _batches()
+    eager.train_step((train, val))
+    tf.function(lambda t, v: traced.train_step((t, v)))(train, val)
+    assert traced.architect._pass.experimental_get_tracing_count() == 1
+    pairs = list(zip(traced.supernet.variables, eager.supernet.variables))
+    pairs += list(zip(traced.weight_optimizer.variables, eager.weight_optimizer.variables))
+    for a, b in pairs:
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13, err_msg=a.path)
+
+
+def test_traced_architect_passes_keep_the_moving_statistics(float64):
+    sm = _search_model("second_order")
+    stats = [v for v in sm.supernet.non_trainable_weights if "moving" in v.path]
+    before = [v.numpy() for v in stats]
+    tf.function(lambda t, v: sm.arch_step(t, v))(*_batches())
+    assert stats and all(np.array_equal(v.numpy(), b) for v, b in zip(stats, before))
+    tf.function(lambda t: sm.weight_step(*t))(_batches()[0])
+    assert not any(np.array_equal(v.numpy(), b) for v, b in zip(stats, before))

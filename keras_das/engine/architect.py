@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from keras_das.engine import moments
 from keras_das.engine.updates import all_reduce_sum
+from keras_das.engine.updates import num_replicas
 from keras_das.engine.virtual_step import next_weights
 from keras_das.engine.virtual_step import step_vector_product
 from keras_das.space import primitives
@@ -64,6 +65,7 @@ class Architect:
         if not fd_epsilon > 0:
             raise ValueError(f"fd_epsilon must be > 0, got {fd_epsilon!r}")
         self.fd_epsilon = fd_epsilon
+        self._pass = None  # the traced pass of evaluate, made at its first call
 
     # -- the model at given weights -----------------------------------------------------
 
@@ -97,16 +99,69 @@ class Architect:
         weights = {id(v) for v in supernet.weights}
         return [v for v in supernet.variables if id(v) not in weights]
 
+    def state_variables(self):
+        """The supernet's variables that a pass may assign: its non-trainable weights (batch
+        norms' moving statistics) and its random-generator states."""
+        supernet = self.search_model.supernet
+        trainable = {id(v) for v in supernet.trainable_variables}
+        return [v for v in supernet.variables if id(v) not in trainable]
+
+    def evaluate(self, values, x, y, with_penalty=True, keep_statistics=False):
+        """The scaled loss, predictions and gradients with respect to every trainable
+        variable (``None`` where the loss does not reach it; not summed over replicas),
+        with the trainable variables at ``values``, without changing any of them.
+
+        Every pass of a step (the architect's at ``w``, ``w'`` and ``w +- eps * u``, and
+        the weight step's) is this one traced function called with other values, so a
+        step's graph is traced once per pass kind instead of once per call (the
+        second-order step calls it five times), and the gradients a caller does not use
+        are pruned from the graph the function is inlined into. Random-generator states
+        move on after each call; the batch norms' moving statistics are assigned only with
+        ``keep_statistics`` (the weight step), discarded otherwise.
+        """
+        penalised = bool(with_penalty and self.search_model.arch_penalties)
+        if self._pass is None:
+            self._pass = tf.function(self._traced_pass, autograph=False)
+        # Eagerly (run_eagerly, tests) the pass runs in place, as it does with several
+        # replicas: the synchronised batch norms' all-reduce (a merge_call) cannot run
+        # inside a nested tf.function.
+        in_place = tf.executing_eagerly() or num_replicas() > 1
+        traced_pass = self._traced_pass if in_place else self._pass
+        # As tensors (variables would be traced as other arguments than computed values).
+        values = [tf.convert_to_tensor(v) for v in values]
+        loss, y_pred, grads, states = traced_pass(values, x, y, penalised)
+        random = {id(v) for v in self.random_states()}
+        for variable, value in zip(self.state_variables(), states):
+            if value is not None and (keep_statistics or id(variable) in random):
+                variable.assign(value)
+        return loss, y_pred, grads
+
+    def _traced_pass(self, values, x, y, with_penalty):
+        sm = self.search_model
+        supernet = sm.supernet
+        mapping = list(zip(supernet.trainable_variables, values))
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+                y_pred = supernet(x, training=True)
+                loss = sm.total_loss(y, y_pred, supernet.losses, with_penalty)
+                states = [scope.get_current_value(v) for v in self.state_variables()]
+        return loss, y_pred, tape.gradient(loss, values), states
+
     def gradients(self, values, wrt, x, y, with_penalty=True):
-        """All-reduced gradients of the loss at ``values`` w.r.t. ``values[i] for i in wrt``."""
+        """All-reduced gradients of the loss at ``values`` w.r.t. ``values[i] for i in wrt``
+        (one ``evaluate`` pass)."""
+        loss, y_pred, grads = self.evaluate(values, x, y, with_penalty)
+        return all_reduce_sum(_dense([grads[i] for i in wrt])), loss, y_pred
+
+    def tape_gradients(self, values, wrt, x, y, with_penalty=True):
+        """``gradients`` on the caller's tape (``loss_at``), not through the traced pass:
+        for the exact architect, which differentiates them again under its own context."""
         with tf.GradientTape() as tape:
             tape.watch([values[i] for i in wrt])
             loss, y_pred = self.loss_at(values, x, y, with_penalty)
         grads = tape.gradient(loss, [values[i] for i in wrt])
-        # Sparse gradients (an Embedding's IndexedSlices) as dense tensors: the virtual
-        # step is elementwise in them and differentiated with respect to them.
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        return all_reduce_sum(grads), loss, y_pred
+        return all_reduce_sum(_dense(grads)), loss, y_pred
 
     def virtual_step(self, weights, grads):
         """``w'``: where the weight optimizer's next step (before clipping) would take ``w``."""
@@ -179,7 +234,7 @@ class Architect:
         with moments.exact_second_derivatives(), tf.GradientTape() as outer:
             outer.watch(alphas)
             w = [values[i] for i in weight]
-            g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
+            g_train, _, _ = self.tape_gradients(values, weight, *train_batch, with_penalty=False)
             w_virtual = self.virtual_step(w, g_train)
             val_loss, val_pred = self.loss_at(_replace(values, weight, w_virtual), *val_batch)
         grads = all_reduce_sum(outer.gradient(val_loss, alphas))
@@ -189,6 +244,12 @@ class Architect:
 def _zeros_for_none(grads, indices, values):
     """Gradients with ``None`` (a variable the loss does not reach) as zeros."""
     return [tf.zeros_like(values[i]) if g is None else g for g, i in zip(grads, indices)]
+
+
+def _dense(grads):
+    """Sparse gradients (an Embedding's IndexedSlices) as dense tensors: the virtual step
+    is elementwise in them and differentiated with respect to them."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
 
 
 def _replace(values, indices, replacements):

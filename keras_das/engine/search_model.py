@@ -246,10 +246,13 @@ class SearchModel(keras.Model):
         return val_loss, val_pred
 
     def weight_step(self, x, y):
-        with tf.GradientTape() as tape:
-            y_pred = self.supernet(x, training=True)
-            loss = self.total_loss(y, y_pred, self.supernet.losses, with_penalty=False)
-        grads = tape.gradient(loss, self.weight_vars)
+        # The architect's traced pass at the current weights, keeping the batch-norm
+        # statistics: the step's graph then holds one traced forward and backward pass.
+        architect = self.architect
+        loss, y_pred, grads = architect.evaluate(
+            architect.current_values(), x, y, with_penalty=False, keep_statistics=True
+        )
+        grads = [grads[i] for i in self.weight_index]
         updates.apply_gradients(
             self.weight_optimizer, grads, self.weight_vars, self.weight_decay, self.grad_clip
         )

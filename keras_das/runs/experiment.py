@@ -19,6 +19,7 @@ from keras_das.runs import callbacks as callbacks_lib
 from keras_das.runs import checkpoint as checkpoint_lib
 from keras_das.runs import determinism
 from keras_das.runs import distribution
+from keras_das.runs import graph_options
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class Experiment:
         seeds; the workdir is untouched until ``open_workdir``."""
         strategy = distribution.make_strategy(config.distribution)
         determinism.set_seeds(config.seed, config.deterministic)
+        graph_options.shorten_graph_optimization()  # after determinism's optimizer option
         return cls(config, workdir, strategy, distribution.is_chief(strategy))
 
     def open_workdir(self) -> None:
