@@ -287,3 +287,32 @@ def test_second_order_error_falls_as_eps_squared(optimizer, float64):
     assert gaps[1] < 1e-3, gaps  # DARTS's eps = 0.01 / ||v||
     # Central differences: the error falls ~100x per 10x smaller eps.
     assert gaps[0] / gaps[1] > 30 and gaps[1] / gaps[2] > 30, gaps
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_weight_step_takes_the_optimizers_step(optimizer, traced, float64):
+    """The weight step (clip, coupled decay, the optimizer's rule; Keras SGD on TensorFlow's
+    fused kernels) lands where the reference step from the reference loss says."""
+    sm = _search_model("first_order", optimizer)
+    train, _ = _batches()
+    names = [v.path.split("/")[-2] for v in sm.weight_vars]
+    w = [tf.constant(v.numpy()) for v in sm.weight_vars]
+    alphas = [tf.constant(a.numpy()) for a in sm.arch_vars]
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        loss = _loss(_params(names, w), alphas, *train)
+    g = tape.gradient(loss, w)
+    scale = min(1.0, sm.grad_clip / float(tf.linalg.global_norm(g)))
+    expected = _reference_step(
+        sm.weight_optimizer, _slots(sm.weight_optimizer), w, [scale * gi for gi in g]
+    )
+    step = tf.function(sm.weight_step) if traced else sm.weight_step
+    step(*train)
+    # Keras's Adam rounds beta_2 to float32 (beta_2 ** t then differs by ~3e-8).
+    rtol, atol = (1e-7, 1e-9) if optimizer == "adam" else (1e-12, 1e-14)
+    np.testing.assert_allclose(_flat(sm.weight_vars), _flat(expected), rtol=rtol, atol=atol)
+    assert int(sm.weight_optimizer.iterations.numpy()) == ITERATIONS + 1
+    if traced and optimizer in ("momentum", "nesterov"):
+        graph = step.get_concrete_function(*train).graph
+        assert "ResourceApplyKerasMomentum" in {op.type for op in graph.get_operations()}

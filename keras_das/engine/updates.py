@@ -54,10 +54,58 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
         clipped = iter(tf.clip_by_global_norm(present, grad_clip)[0])
         grads = [None if g is None else next(clipped) for g in grads]
     pairs = [(g + weight_decay * v, v) for g, v in zip(grads, variables) if g is not None]
-    # Keras optimizers sum gradients over replicas themselves in a replica context; ours are
-    # summed already, so hand each replica its share.
-    replicas = num_replicas()
-    optimizer.apply([g / replicas if replicas > 1 else g for g, _ in pairs], [v for _, v in pairs])
+    grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+    if not _fused_sgd_step(optimizer, grads, variables):
+        # Keras optimizers sum gradients over replicas themselves in a replica context;
+        # ours are summed already, so hand each replica its share.
+        replicas = num_replicas()
+        optimizer.apply([g / replicas if replicas > 1 else g for g in grads], variables)
+
+
+def _fused_sgd_step(optimizer, grads, variables) -> bool:
+    """Keras ``SGD``'s step on TensorFlow's fused kernels, where nothing else is asked of it.
+
+    ``ResourceApplyKerasMomentum`` is Keras's momentum rule (``m <- mu * m - lr * g``;
+    ``w <- w + m``, or ``w + mu * m - lr * g`` with Nesterov) as one op per variable, where
+    ``optimizer.apply`` builds about ten; the DARTS weight step has some 500 variables at
+    size D, and every graph op costs tracing and optimisation time before the first step.
+    Returns False (the caller uses ``optimizer.apply``) for other optimizers, several
+    replicas, sparse gradients, variable constraints or overwrite-with-gradient variables,
+    loss scaling, EMA and gradient accumulation.
+    """
+    if (
+        type(optimizer) is not keras.optimizers.SGD
+        or num_replicas() > 1
+        or optimizer.use_ema
+        or optimizer.gradient_accumulation_steps
+        or optimizer.loss_scale_factor is not None
+        or any(isinstance(g, tf.IndexedSlices) for g in grads)
+        or any(v.constraint is not None or v.overwrite_with_gradient for v in variables)
+    ):
+        return False
+    learning_rate = optimizer.learning_rate  # the schedule's, at the current iteration
+    by_dtype = {}
+    for g, v in zip(grads, variables):
+        if v.dtype not in by_dtype:
+            by_dtype[v.dtype] = (
+                tf.cast(learning_rate, v.dtype),
+                tf.constant(optimizer.momentum, v.dtype),
+            )
+        lr, momentum = by_dtype[v.dtype]
+        g = tf.cast(g, v.dtype)
+        if optimizer.momentum:
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=v.handle,
+                accum=optimizer.momentums[optimizer._get_variable_index(v)].handle,
+                lr=lr,
+                grad=g,
+                momentum=momentum,
+                use_nesterov=optimizer.nesterov,
+            )
+        else:
+            tf.raw_ops.ResourceApplyGradientDescent(var=v.handle, alpha=lr, delta=g)
+    optimizer.iterations.assign_add(1)
+    return True
 
 
 def check_optimizer(name: str, optimizer, allow_weight_decay: bool = False) -> None:

@@ -57,8 +57,24 @@ def step_vector_product(optimizer, variables, weights, grads, vector, weight_dec
     """``(dw'/dg)^T vector`` per variable: ``-lr * vector`` for plain SGD.
 
     The step is elementwise in the gradient, so its Jacobian is diagonal and one reverse
-    pass gives the product. Variables without a gradient get zeros.
+    pass gives the product. For SGD the diagonal is one number, written out here
+    (``-lr``, ``-lr * (1 + mu)`` with Nesterov): a multiply per variable instead of a
+    differentiated copy of the step (about 30 graph ops per variable). Variables without a
+    gradient get zeros.
     """
+    if isinstance(optimizer, keras.optimizers.SGD):
+        lr = optimizer.learning_rate
+        factor = -lr * (1.0 + optimizer.momentum) if optimizer.nesterov else -lr
+        factors = {}
+        out = []
+        for w, g, v in zip(weights, grads, vector):
+            if g is None or v is None:
+                out.append(tf.zeros_like(w))
+                continue
+            if w.dtype not in factors:
+                factors[w.dtype] = tf.cast(factor, w.dtype)
+            out.append(factors[w.dtype] * v)
+        return out
     present = [i for i, g in enumerate(grads) if g is not None]
     watched = [grads[i] for i in present]
     with tf.GradientTape() as tape:
