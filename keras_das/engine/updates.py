@@ -83,6 +83,9 @@ def _fused_sgd_step(optimizer, grads, variables) -> bool:
         or any(v.constraint is not None or v.overwrite_with_gradient for v in variables)
     ):
         return False
+    if not optimizer.built:  # as optimizer.apply builds it (its slots named the same way)
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(variables)
     learning_rate = optimizer.learning_rate  # the schedule's, at the current iteration
     by_dtype = {}
     for g, v in zip(grads, variables):
