@@ -26,6 +26,10 @@ ratio of medians: only ratios measured in one run count on a noisy machine.
     python benchmarks/search_step.py --implementation per_edge   # the per-edge cells
     python benchmarks/search_step.py --sizes D --partial_channels 1 4  # PC-DARTS K=1 vs 4
 
+Graph optimisation is the binaries' (``keras_das.runs.graph_options``: one Grappler round,
+no memory or layout optimizer on CPU-only hosts); ``--graph_options default`` measures with
+TensorFlow's defaults instead.
+
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
 with edge normalisation (on the fused cells too, as every remedy).
 """

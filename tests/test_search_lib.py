@@ -140,7 +140,7 @@ def test_search_binary_on_real_cifar10(tmp_path):
         f"--workdir={workdir}",
         "--config.data.num_examples=256",
         "--config.epochs=2",
-        "--config.remedies.perturbation.batches=1",  # the selection: in the smoke test
+        "--config.remedies.perturbation.batches=1",  # DARTS-PT, on fewer batches
     )
     check_search_workdir(workdir, 2)
 
