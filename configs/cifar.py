@@ -134,7 +134,7 @@ def _remedies() -> ml_collections.ConfigDict:
             # supernet's validation loss most (on `batches` batches), not the largest alpha.
             # On by default: in benchmarks/search_quality.py's full study (real CIFAR-10)
             # its cells retrained to 0.5985 +- 0.0214 over 3 searches against the argmax's
-            # 0.5787 +- 0.0170 and random cells' 0.5676 +- 0.0135 (10 draws). It costs ~200
+            # 0.5809 +- 0.0151 and random cells' 0.5676 +- 0.0135 (10 draws). It costs ~200
             # supernet evaluations of `batches` batches at the end of a search.
             "perturbation": {"enabled": True, "batches": 4},
             # The discretisation-gap report at the end of the search.
