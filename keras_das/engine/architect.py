@@ -78,20 +78,23 @@ class Architect:
         move on after each pass (Gumbel noise and dropout are fresh in every pass, and
         deterministic given the seeds); batch-norm statistics updates are discarded.
         """
-        sm = self.search_model
         states = self.random_states()
-        mapping = list(zip(sm.supernet.trainable_variables, values))
-        with (
-            keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope,
-            primitives.discarding_batch_norm_statistics(),  # updates in the scope: discarded
-        ):
-            y_pred = sm.supernet(x, training=True)
-            loss = sm.total_loss(y, y_pred, sm.supernet.losses, with_penalty)
-            advanced = [scope.get_current_value(state) for state in states]
+        with primitives.discarding_batch_norm_statistics():  # updates in the scope: discarded
+            loss, y_pred, advanced = self._scoped_loss(values, x, y, with_penalty, states)
         for state, value in zip(states, advanced):
             if value is not None:
                 state.assign(value)
         return loss, y_pred
+
+    def _scoped_loss(self, values, x, y, with_penalty, states):
+        """The loss and predictions at ``values`` in a ``keras.StatelessScope``, and the
+        values ``states`` would have been assigned there (``None``: not assigned)."""
+        sm = self.search_model
+        mapping = list(zip(sm.supernet.trainable_variables, values))
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            y_pred = sm.supernet(x, training=True)
+            loss = sm.total_loss(y, y_pred, sm.supernet.losses, with_penalty)
+            return loss, y_pred, [scope.get_current_value(v) for v in states]
 
     def random_states(self):
         """The supernet's random-generator states (``SeedGenerator``s of Gumbel and dropout)."""
@@ -137,15 +140,11 @@ class Architect:
         return loss, y_pred, grads
 
     def _traced_pass(self, values, x, y, with_penalty):
-        sm = self.search_model
-        supernet = sm.supernet
-        mapping = list(zip(supernet.trainable_variables, values))
         with tf.GradientTape() as tape:
             tape.watch(values)
-            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-                y_pred = supernet(x, training=True)
-                loss = sm.total_loss(y, y_pred, supernet.losses, with_penalty)
-                states = [scope.get_current_value(v) for v in self.state_variables()]
+            loss, y_pred, states = self._scoped_loss(
+                values, x, y, with_penalty, self.state_variables()
+            )
         return loss, y_pred, tape.gradient(loss, values), states
 
     def gradients(self, values, wrt, x, y, with_penalty=True):

@@ -28,13 +28,9 @@ def shorten_graph_optimization() -> bool:
     Returns False (and changes nothing) where this TensorFlow lacks them.
     """
     try:
-        from tensorflow.core.protobuf import config_pb2
         from tensorflow.core.protobuf import rewriter_config_pb2
-        from tensorflow.python.eager import context
 
-        options = context.context().function_call_options
-        config = config_pb2.ConfigProto()
-        config.ParseFromString(options.config_proto_serialized)
+        options, config = _function_call_config()
     except (ImportError, AttributeError) as e:
         logging.warning("Graph optimisation options unavailable (%s); left at defaults", e)
         return False
@@ -50,9 +46,15 @@ def shorten_graph_optimization() -> bool:
 
 def current_rewrite_options():
     """The Grappler options the functions this thread calls are optimised with."""
+    return _function_call_config()[1].graph_options.rewrite_options
+
+
+def _function_call_config():
+    """This thread's function-call options and the ``ConfigProto`` they hold (a copy)."""
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
 
+    options = context.context().function_call_options
     config = config_pb2.ConfigProto()
-    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
-    return config.graph_options.rewrite_options
+    config.ParseFromString(options.config_proto_serialized)
+    return options, config
