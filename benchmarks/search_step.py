@@ -61,6 +61,14 @@ def _rss_gb() -> float:
     return float("nan")
 
 
+def usable_cpus() -> int:
+    """The processors this process may run on (its affinity mask, e.g. under taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_description() -> str:
     """The CPU model and whether it has AVX-512 (from /proc/cpuinfo)."""
     model, flags = "unknown CPU", set()
@@ -78,7 +86,9 @@ def cpu_description() -> str:
         "AVX-512" if "avx512f" in flags else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
     )
     amx = ", AMX" if "amx_tile" in flags else ""
-    return f"{model} ({avx}{amx}), {os.cpu_count()} cores"
+    used = usable_cpus()
+    pinned = f", {used} used (affinity)" if used != os.cpu_count() else ""
+    return f"{model} ({avx}{amx}), {os.cpu_count()} cores{pinned}"
 
 
 def measure(
@@ -192,6 +202,10 @@ def run_peer(args, size: str, mode: str) -> dict | None:
         str(args.steps),
         "--warmup",
         str(args.warmup),
+        # as many threads as the processors this process may run on (TensorFlow's own
+        # choice): under taskset, PyTorch's default would oversubscribe them
+        "--threads",
+        str(usable_cpus()),
     ]
     return _last_json(subprocess.run(cmd, capture_output=True, text=True))
 

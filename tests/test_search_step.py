@@ -31,3 +31,31 @@ def test_search_step_benchmark_measures_a_row():
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["graph_options"] == "short" and row["implementation"] == "fused"
     assert row["s_per_step"] > 0 and row["first_step_s"] >= row["s_per_step"]
+
+
+def test_peer_runs_with_the_processors_we_may_use(monkeypatch):
+    """Under taskset the peer's PyTorch would start a thread per core of the machine and
+    oversubscribe the processors it is pinned to; it gets as many threads as TensorFlow."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "search_step", os.path.join(ROOT, "benchmarks", "search_step.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"s_per_step": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    args = argparse.Namespace(
+        peer_python="python", peer_dir="/peers/darts/cnn", peer_bench=None, steps=2, warmup=1
+    )
+    assert bench.run_peer(args, "S", "first_order") == {"s_per_step": 1.0}
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--threads") + 1] == "1"
+    assert "1 used (affinity)" in bench.cpu_description() or os.cpu_count() == 1
