@@ -70,6 +70,8 @@ ARCHITECTS = {
     ),
 }
 REFERENCES = ("DARTS_V1", "DARTS_V2")
+# The group that searches as configs/cifar.py does by default (first order, DARTS-PT).
+DEFAULT_GROUP = "first_order+perturbation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,11 +210,12 @@ def retrain_jobs(preset: Preset, records: dict, data_flags, workdir: str) -> lis
 
 
 def priority(preset: Preset, job: Job) -> tuple[int, int]:
-    """The order of a sitting: the default architect's searches, then every genotype there
-    is retrained with the first seed, then with the second, ..., then the other searches,
-    then the spread's extra seeds; so that a study cut short still compares searched with
-    random genotypes."""
-    default = next(iter(preset.searches))
+    """The order of a sitting: the default configuration's searches (``DEFAULT_GROUP``, or
+    the preset's first group where it has none), then every genotype there is retrained
+    with the first seed, then with the second, ..., then the other searches, then the
+    spread's extra seeds; so that a study cut short still compares searched with random
+    genotypes."""
+    default = DEFAULT_GROUP if DEFAULT_GROUP in preset.searches else next(iter(preset.searches))
     if job.kind == "search":
         return (0, 0) if job.name.startswith(default + "_s") else (2, 0)
     seed = int(job.name.rpartition("__s")[2])

@@ -35,8 +35,11 @@ def test_a_fresh_study_plans_every_search_and_the_known_retrains(tmp_path):
     # 10 random + 2 references, 2 seeds each, and 3 more seeds of DARTS_V2.
     assert len(retrains) == 12 * 2 + 3 and "random_9__s1" in retrains
     order = sorted(jobs, key=lambda j: sq.priority(PRESET, j))
-    assert [j.name for j in order[:3]] == ["first_order_s0", "first_order_s1", "first_order_s2"]
-    assert order[-4].name.startswith("first_order+perturbation_s")
+    # The default configuration's searches first (DARTS-PT's selection), the rest after
+    # the first two retrain rounds.
+    assert [j.name for j in order[:3]] == [f"first_order+perturbation_s{i}" for i in range(3)]
+    assert order[-4].name.startswith("first_order+remedies_s")
+    assert sq.priority(sq.PRESETS["quick"], sq.search_jobs(sq.PRESETS["quick"], ())[0]) == (0, 0)
     assert order[3].name == "DARTS_V1__s0" and order[3 + 12].name == "DARTS_V1__s1"
     assert order[-1].name == "DARTS_V2__s4"
     (remedies,) = [j for j in jobs if j.name == "first_order+remedies_s0"]
