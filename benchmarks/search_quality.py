@@ -246,7 +246,7 @@ def run_job(job: Job, workdir: str, results: str) -> bool:
     if code != 0:
         print(f"  FAILED ({code}) after {minutes:.1f} min: see {job_dir}.log", flush=True)
         return False
-    record = {"args": list(job.args), "minutes": minutes}
+    record = {"args": list(job.args), "minutes": minutes, "environment": run_environment()}
     if job.kind == "search":
         record.update(search_record(job_dir))
     else:
@@ -256,6 +256,32 @@ def run_job(job: Job, workdir: str, results: str) -> bool:
     io_utils.atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     print(f"  done in {minutes:.1f} min", flush=True)
     return True
+
+
+def run_environment() -> dict:
+    """What a job's binary ran on. It inherits this process's environment on this CPU, so
+    TensorFlow picks the same kernel path in it as here."""
+    import tensorflow as tf
+
+    from keras_das.space import kernels
+
+    return {
+        "tensorflow": tf.__version__,
+        "onednn": kernels.onednn_enabled(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
+def kernel_paths(records: dict) -> str:
+    """How many records ran with oneDNN's CPU kernels, without them, or said nothing."""
+    counts = {True: 0, False: 0, None: 0}
+    for kind in ("search", "retrain"):
+        for record in records[kind].values():
+            counts[(record.get("environment") or {}).get("onednn")] += 1
+    return (
+        f"Kernels: {counts[True]} records ran with oneDNN's CPU kernels, {counts[False]} with "
+        f"TensorFlow's portable ones, {counts[None]} did not record it."
+    )
 
 
 def search_record(job_dir: str) -> dict:
@@ -425,7 +451,7 @@ def markdown(preset_name: str, rows: list[dict], summary: dict) -> str:
 def write_table(preset_name: str, preset: Preset, records: dict, results: str) -> str:
     rows = genotype_rows(preset, records)
     summary = conclusions(preset, rows, records)
-    text = markdown(preset_name, rows, summary)
+    text = markdown(preset_name, rows, summary) + "\n" + kernel_paths(records) + "\n"
     io_utils.atomic_write_text(os.path.join(results, "table.md"), text)
     io_utils.atomic_write_text(
         os.path.join(results, "table.json"),

@@ -89,13 +89,17 @@ def test_probe_runs_in_a_fresh_process_on_either_kernel_path(onednn):
         "def traced():\n"
         "    return kernels.grouped_conv_gradient_supported()\n"
         "assert traced() == ok\n"
+        "print(kernels.onednn_enabled())\n"
         "print(ok)\n"
     )
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    answer = out.stdout.strip().splitlines()[-1]
+    enabled, answer = out.stdout.strip().splitlines()[-2:]
     assert answer in ("True", "False")
+    # The variable decides the kernel path whatever the CPU (x86 builds have oneDNN).
+    if onednn == "0":
+        assert enabled == "False"
     if onednn == "1" and os.uname().machine == "x86_64":
-        assert answer == "True"
+        assert answer == "True" and enabled == "True"

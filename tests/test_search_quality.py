@@ -91,3 +91,22 @@ def test_conclusions_compare_the_best_architect_with_the_random_draws(tmp_path):
     assert summary["beats_random_by_2_std"]  # 0.07 > 2 * 0.02
     assert summary["best_minus_darts_v2"] == pytest.approx(0.595 - 0.565)
     assert "| first_order | 0.5950 |" in sq.markdown("full", rows, summary)
+
+
+def test_the_table_says_which_kernels_its_records_ran_on():
+    from keras_das.space import kernels
+
+    environment = sq.run_environment()
+    assert environment["onednn"] is kernels.onednn_enabled()
+    assert environment["tensorflow"].count(".") >= 1
+    records = {
+        "search": {"a": {"environment": environment}},
+        "retrain": {"b": {"environment": {"onednn": True}}, "c": {}, "d": {"environment": {}}},
+    }
+    line = sq.kernel_paths(records)
+    on = 1 + (environment["onednn"] is True)
+    off = int(environment["onednn"] is False)
+    assert line == (
+        f"Kernels: {on} records ran with oneDNN's CPU kernels, {off} with TensorFlow's "
+        f"portable ones, {4 - on - off} did not record it."
+    )

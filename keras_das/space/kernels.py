@@ -26,13 +26,20 @@ def _device_type() -> str:
     return tf.DeviceSpec.from_string(tf.constant(0.0).device).device_type or "CPU"
 
 
-def _onednn_off() -> bool:
-    """True when TensorFlow says its oneDNN CPU kernels are off (False if it cannot say)."""
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow's oneDNN CPU kernels are on in this process (None if it cannot
+    say): by default on CPUs with AVX-512 VNNI/BF16 or AMX, else per
+    ``TF_ENABLE_ONEDNN_OPTS``."""
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:
-        return False
-    return not _pywrap_util_port.IsMklEnabled()
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def _onednn_off() -> bool:
+    """True when TensorFlow says its oneDNN CPU kernels are off (False if it cannot say)."""
+    return onednn_enabled() is False
 
 
 @functools.cache
