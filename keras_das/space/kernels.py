@@ -28,8 +28,8 @@ def _device_type() -> str:
 
 def onednn_enabled() -> bool | None:
     """Whether TensorFlow's oneDNN CPU kernels are on in this process (None if it cannot
-    say): by default on CPUs with AVX-512 VNNI/BF16 or AMX, else per
-    ``TF_ENABLE_ONEDNN_OPTS``."""
+    say): as ``TF_ENABLE_ONEDNN_OPTS`` says where it is set, else on only on CPUs with
+    AVX-512 VNNI/BF16 or AMX."""
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:
