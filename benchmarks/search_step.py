@@ -18,7 +18,9 @@ says which grouped 1x1 formulation the fused cell picked (``keras_das.space.kern
 With ``--peer_python`` (a Python with PyTorch) and ``--peer_dir`` (the official DARTS
 ``cnn/`` code), each row's peer step (same size and mode; exact has none) runs alternately
 with keras_das (peer, ours, peer, ours, ... ``--rounds`` times), and the table gives the
-ratio of medians: only ratios measured in one run count on a noisy machine.
+ratio of medians: only ratios measured in one run count on a noisy machine. The peer runs
+with as many threads as the processors this process may use (``taskset`` included), as
+TensorFlow does.
 
     python benchmarks/search_step.py                 # every size and mode, oneDNN off and on
     python benchmarks/search_step.py --sizes D --modes first_order second_order --onednn 0 \
