@@ -40,7 +40,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import tensorflow as tf  # noqa: E402
+
 from keras_das import io_utils  # noqa: E402
+from keras_das.space import kernels  # noqa: E402
 from keras_das.space.genotype import Genotype  # noqa: E402
 from keras_das.space.genotype import get_genotype  # noqa: E402
 
@@ -261,10 +264,6 @@ def run_job(job: Job, workdir: str, results: str) -> bool:
 def run_environment() -> dict:
     """What a job's binary ran on. It inherits this process's environment on this CPU, so
     TensorFlow picks the same kernel path in it as here."""
-    import tensorflow as tf
-
-    from keras_das.space import kernels
-
     return {
         "tensorflow": tf.__version__,
         "onednn": kernels.onednn_enabled(),

@@ -37,16 +37,11 @@ def onednn_enabled() -> bool | None:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def _onednn_off() -> bool:
-    """True when TensorFlow says its oneDNN CPU kernels are off (False if it cannot say)."""
-    return onednn_enabled() is False
-
-
 @functools.cache
 def _grouped_conv_gradient_supported(device_type: str) -> bool:
     # Without oneDNN the CPU kernels refuse grouped gradients; asking first spares users the
     # warning TensorFlow logs for the failing probe op.
-    if device_type == "CPU" and _onednn_off():
+    if device_type == "CPU" and onednn_enabled() is False:
         return False
     # The two kernels of the gradient, called directly (tapes do not record under
     # tf.init_scope): 2 groups of 2 input and 2 output channels, all ones.
