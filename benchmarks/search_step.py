@@ -30,7 +30,9 @@ TensorFlow does.
 
 Graph optimisation is the binaries' (``keras_das.runs.graph_options``: one Grappler round,
 no memory or layout optimizer on CPU-only hosts); ``--graph_options default`` measures with
-TensorFlow's defaults instead.
+TensorFlow's defaults instead. Thread pools are the binaries' too
+(``keras_das.runs.distribution.set_threads``: one thread per op on hosts with at most two
+processors); ``--inter_op_threads 0 --intra_op_threads 0`` measures with TensorFlow's own.
 
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
 with edge normalisation (on the fused cells too, as every remedy).
@@ -47,6 +49,8 @@ import subprocess
 import sys
 import time
 
+from keras_das.runs.distribution import usable_cpus
+
 SIZES = {
     "S": dict(num_cells=5, channels=8, batch=32),
     "D": dict(num_cells=8, channels=16, batch=64),
@@ -61,14 +65,6 @@ def _rss_gb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def usable_cpus() -> int:
-    """The processors this process may run on (its affinity mask, e.g. under taskset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cpu_description() -> str:
@@ -101,10 +97,15 @@ def measure(
     implementation: str,
     partial_channels: int,
     graph: str = "short",
+    threads: tuple[int, int] = (-1, -1),
 ) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
     import tensorflow as tf
+
+    from keras_das.runs import distribution
+
+    threads = distribution.set_threads(*threads)  # as the binaries do, before any op
 
     tf.constant(1.0) + 1.0
     runtime_gb = _rss_gb()
@@ -170,7 +171,8 @@ def measure(
         "first_step_s": trace_s,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "runtime_gb": runtime_gb,
-        "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": threads[0],
+        "intra_op_threads": threads[1],
     }
 
 
@@ -229,6 +231,10 @@ def run_ours(args, size: str, mode: str, k: int, onednn: str) -> dict | None:
         args.implementation,
         "--graph_options",
         args.graph_options,
+        "--inter_op_threads",
+        str(args.inter_op_threads),
+        "--intra_op_threads",
+        str(args.intra_op_threads),
     ]
     return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env))
 
@@ -272,6 +278,14 @@ def main():
         choices=("short", "default"),
         help="Grappler options: the binaries' (keras_das.runs.graph_options) or TF's defaults",
     )
+    for pool in ("inter_op", "intra_op"):
+        parser.add_argument(
+            f"--{pool}_threads",
+            type=int,
+            default=-1,
+            help="TensorFlow's thread pool: -1 the binaries' choice (distribution.set_threads),"
+            " 0 TensorFlow's, N > 0 N threads",
+        )
     parser.add_argument("--peer_python", help="a Python with PyTorch, to time official DARTS")
     parser.add_argument("--peer_dir", help="the official DARTS code (its cnn/ folder)")
     parser.add_argument(
@@ -295,6 +309,7 @@ def main():
                     args.implementation,
                     int(k),
                     args.graph_options,
+                    (args.inter_op_threads, args.intra_op_threads),
                 )
             )
         )
@@ -303,7 +318,8 @@ def main():
         parser.error("--peer_python and --peer_dir go together")
     print(f"# {cpu_description()}; {args.steps} timed steps after {args.warmup} (medians)")
     header = (
-        f"{'size':4} {'K':>2} {'oneDNN':6} {'cells':8} {'kernels':9} {'mode':13} {'s/step':>7}"
+        f"{'size':4} {'K':>2} {'oneDNN':6} {'cells':8} {'kernels':9} {'threads':7} {'mode':13}"
+        f" {'s/step':>7}"
         f" {'img/s':>6} {'peak GB':>7} {'1st step s':>10} | {'peer s':>7} {'peer GB':>7}"
         f" {'time x':>6} {'mem x':>5}"
     )
@@ -324,7 +340,7 @@ def main():
                 peer.append(run_peer(args, size, mode))
             ours.append(run_ours(args, size, mode, k, onednn))
         if not any(ours):
-            print(f"{size:4} {k:2} {onednn:6} {'':8} {'':9} {mode:13} FAILED", flush=True)
+            print(f"{size:4} {k:2} {onednn:6} {'':8} {'':9} {'':7} {mode:13} FAILED", flush=True)
             continue
         row = dict(next(r for r in ours if r), onednn=onednn)
         for key in ("s_per_step", "peak_gb", "first_step_s"):
@@ -334,7 +350,8 @@ def main():
         row["peer_peak_gb"] = _median(peer, "peak_rss_mib") / 1024
         rows.append(row)
         print(
-            f"{size:4} {k:2} {onednn:6} {row['implementation']:8} {row['kernels']:9} {mode:13}"
+            f"{size:4} {k:2} {onednn:6} {row['implementation']:8} {row['kernels']:9}"
+            f" {row['inter_op_threads']:>3}/{row['intra_op_threads']:<3} {mode:13}"
             f" {row['s_per_step']:7.2f} {row['images_per_s']:6.1f} {row['peak_gb']:7.2f}"
             f" {row['first_step_s']:10.1f} | {row['peer_s_per_step']:7.2f}"
             f" {row['peer_peak_gb']:7.2f} {row['s_per_step'] / row['peer_s_per_step']:6.2f}"

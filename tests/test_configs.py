@@ -28,7 +28,14 @@ DATA = {
     "num_test_examples": None,
     "synthetic_seed": 0,
 }
-DISTRIBUTION = {"strategy": "none", "tpu_address": "", "devices": (), "cpu_devices": 0}
+DISTRIBUTION = {
+    "strategy": "none",
+    "tpu_address": "",
+    "devices": (),
+    "cpu_devices": 0,
+    "inter_op_threads": -1,
+    "intra_op_threads": -1,
+}
 # Every remedy off, each with its published setting for when it is switched on; by default
 # run the gap report (a measurement, not a change to the search) and DARTS-PT's selection
 # (measured better than the argmax: README, "How good is the search").

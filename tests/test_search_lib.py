@@ -323,6 +323,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             "horovod",
             r"config.distribution.strategy: Unknown distribution.strategy 'horovod'; expected one of \['none'",
         ),
+        (
+            "distribution.intra_op_threads",
+            -2,
+            r"config.distribution.intra_op_threads: expected an int: -1 \(keras_das's choice\)",
+        ),
         ("model.num_cells", 0, r"config.model.num_cells must be a positive int, got 0"),
         ("model.multiplier", 5, r"config.model.multiplier=5 exceeds config.model.steps=2"),
         ("epochs", -1, r"config.epochs must be a positive int, got -1"),

@@ -119,6 +119,7 @@ def test_malformed_genotype_file(tmp_path):
         ),
         ("model.drop_path", 1.5, r"config.model.drop_path must be in \[0, 1\), got 1.5"),
         ("distribution.strategy", "ps", r"Unknown distribution.strategy 'ps'"),
+        ("distribution.inter_op_threads", -3, r"config.distribution.inter_op_threads: .* got -3"),
         ("model.num_cells", 0, r"config.model.num_cells must be a positive int, got 0"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ import tensorflow as tf
 from keras_das.runs import config_fields
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+AUTO_THREADS = -1
 
 
 def default_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -29,6 +31,10 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
             "tpu_address": "",
             "devices": (),  # mirrored: device names; () = every GPU, else the CPU
             "cpu_devices": 0,  # split the CPU into N logical devices (testing without GPUs)
+            # TensorFlow's thread pools: ops run at once, threads per op. -1: keras_das's
+            # choice (see set_threads), 0: TensorFlow's, N > 0: N.
+            "inter_op_threads": AUTO_THREADS,
+            "intra_op_threads": AUTO_THREADS,
         },
         **overrides,
     )
@@ -40,6 +46,17 @@ def check_strategy(name: str) -> str:
             f"Unknown distribution.strategy {name!r}; expected one of {list(STRATEGIES)}"
         )
     return name
+
+
+def check_config(distribution_config) -> None:
+    """Checks the section's fields; a ValueError names the field, the value and the choices."""
+    config_fields.check_field("distribution.strategy", check_strategy, distribution_config.strategy)
+    for field in ("inter_op_threads", "intra_op_threads"):
+        config_fields.check_field(
+            f"distribution.{field}",
+            check_threads,
+            distribution_config.get(field, AUTO_THREADS),
+        )
 
 
 def make_strategy(distribution_config) -> tf.distribute.Strategy:
@@ -56,6 +73,10 @@ def make_strategy(distribution_config) -> tf.distribute.Strategy:
     Global batch sizes stay global: Keras splits each batch across the replicas.
     """
     name = check_strategy(distribution_config.strategy)
+    set_threads(
+        distribution_config.get("inter_op_threads", AUTO_THREADS),
+        distribution_config.get("intra_op_threads", AUTO_THREADS),
+    )
     split_cpu(distribution_config.get("cpu_devices", 0))
     if name == "none":
         return tf.distribute.get_strategy()
@@ -79,6 +100,65 @@ def make_strategy(distribution_config) -> tf.distribute.Strategy:
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def check_threads(count) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < AUTO_THREADS:
+        raise ValueError(
+            f"expected an int: {AUTO_THREADS} (keras_das's choice), 0 (TensorFlow's) or a "
+            f"thread count > 0, got {count!r}"
+        )
+    return count
+
+
+def usable_cpus() -> int:
+    """The processors this process may run on (its affinity mask, e.g. under taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def chosen_threads(inter_op: int = AUTO_THREADS, intra_op: int = AUTO_THREADS):
+    """``(inter_op, intra_op)`` with ``AUTO_THREADS`` resolved (0: TensorFlow's choice).
+
+    TensorFlow sizes both of its pools to the processors: on 2 of them it runs two ops at
+    once and splits each over two threads, four busy threads on two processors. A search
+    step is many mid-sized ops, so there one thread per op (``intra_op = 1``) measured
+    7-11% faster per step (DARTS sizes S and D, second order, both CPU kernel paths; see
+    ``benchmarks/README.md``). With more processors each op needs its threads, and that
+    was not measured: TensorFlow's choice there, and for ``inter_op`` everywhere.
+    """
+    if inter_op == AUTO_THREADS:
+        inter_op = 0
+    if intra_op == AUTO_THREADS:
+        intra_op = 1 if usable_cpus() <= 2 else 0
+    return inter_op, intra_op
+
+
+def set_threads(inter_op: int = AUTO_THREADS, intra_op: int = AUTO_THREADS) -> tuple[int, int]:
+    """Sizes TensorFlow's thread pools (``chosen_threads``); returns the sizes asked for.
+
+    Must run before TensorFlow executes any op; after that the pools keep their sizes and
+    a warning says so (results do not depend on them, only speed).
+    """
+    chosen = chosen_threads(check_threads(inter_op), check_threads(intra_op))
+    for name, count in zip(("inter_op", "intra_op"), chosen):
+        current = getattr(tf.config.threading, f"get_{name}_parallelism_threads")()
+        if current == count:
+            continue
+        try:
+            getattr(tf.config.threading, f"set_{name}_parallelism_threads")(count)
+        except RuntimeError:
+            logging.warning(
+                "distribution.%s_threads: %d not applied, TensorFlow was initialised with %d "
+                "(0: its own choice) before the run started",
+                name,
+                count,
+                current,
+            )
+    logging.info("TensorFlow threads: inter_op %d, intra_op %d (0: its choice)", *chosen)
+    return chosen
 
 
 def split_cpu(count: int) -> None:

@@ -67,9 +67,7 @@ def validate_config(config) -> remedies_lib.RemedyPlan:
     config_fields.check_field(
         "arch.architect", architect_lib.check_architect, config.arch.architect
     )
-    config_fields.check_field(
-        "distribution.strategy", distribution.check_strategy, config.distribution.strategy
-    )
+    distribution.check_config(config.distribution)
     _check_sizes(config)
     return remedies_lib.plan(config.remedies, config.epochs, config.model.relaxation)
 

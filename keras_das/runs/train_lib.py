@@ -50,9 +50,7 @@ def load_genotype(config) -> Genotype:
 def validate_config(config) -> Genotype | None:
     """Raises a ValueError naming the field, the bad value and the valid choices; returns
     the genotype to train (None when ``model.keras_file`` names the architecture)."""
-    config_fields.check_field(
-        "distribution.strategy", distribution.check_strategy, config.distribution.strategy
-    )
+    distribution.check_config(config.distribution)
     config_fields.check_positive(
         config,
         "epochs",

@@ -1,0 +1,83 @@
+"""Thread pools and strategies from the ``distribution`` config section."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from keras_das.runs import distribution
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "cpus,asked,chosen",
+    [
+        (2, (-1, -1), (0, 1)),  # two processors: one thread per op
+        (1, (-1, -1), (0, 1)),
+        (8, (-1, -1), (0, 0)),  # more: TensorFlow's choice
+        (2, (0, 0), (0, 0)),
+        (8, (3, 2), (3, 2)),
+    ],
+)
+def test_thread_choice(cpus, asked, chosen, monkeypatch):
+    monkeypatch.setattr(distribution, "usable_cpus", lambda: cpus)
+    assert distribution.chosen_threads(*asked) == chosen
+
+
+@pytest.mark.parametrize("bad", [-2, 1.5, True, "2", None])
+def test_bad_thread_counts_name_the_field_and_the_choices(bad):
+    # A section a config file writes itself (the defaults' fields are type-locked).
+    config = ml_collections.ConfigDict(distribution.default_config().to_dict(), type_safe=False)
+    config.intra_op_threads = bad
+    with pytest.raises(
+        ValueError,
+        match=r"config.distribution.intra_op_threads: expected an int: "
+        r"-1 \(keras_das's choice\), 0 \(TensorFlow's\) or a thread count > 0, "
+        f"got {bad!r}",
+    ):
+        distribution.check_config(config)
+
+
+_START = """
+import logging, sys, tempfile
+import tensorflow as tf
+from configs import cifar
+from keras_das.runs import experiment
+config = cifar.get_config("smoke")
+config.distribution.inter_op_threads = 3
+config.distribution.intra_op_threads = 2
+logging.basicConfig(level=logging.INFO)
+experiment.Experiment.start(config, tempfile.mkdtemp())
+tf.constant(1.0) + 1.0
+print(tf.config.threading.get_inter_op_parallelism_threads(),
+      tf.config.threading.get_intra_op_parallelism_threads())
+"""
+
+
+def test_the_binaries_size_the_pools_before_tensorflow_starts():
+    # A fresh process, as a binary: the config's sizes hold, without a warning that
+    # TensorFlow was initialised first (the binaries' imports and config must run no op).
+    result = subprocess.run(
+        [sys.executable, "-c", _START], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["3", "2"]
+    assert "not applied" not in result.stderr
+    assert "TensorFlow threads: inter_op 3, intra_op 2" in result.stderr
+
+
+def test_sizes_that_come_too_late_are_reported_not_fatal(caplog):
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0  # this process's TensorFlow is running
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    with caplog.at_level("WARNING"):
+        chosen = distribution.set_threads(0, current + 5)
+    assert chosen == (0, current + 5)
+    assert tf.config.threading.get_intra_op_parallelism_threads() == current
+    assert f"intra_op_threads: {current + 5} not applied" in caplog.text
