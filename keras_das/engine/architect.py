@@ -20,8 +20,9 @@ replicas.
   ``dL_val(w', a)/da + d/da (dL_train/dw . u)`` with ``u = (dw'/dg)^T v`` (``-xi * v`` for
   plain SGD), ``v = dL_val(w', a)/dw'``, the Hessian-vector product by central finite
   differences at ``w +- eps * u``, ``eps = 0.01 / ||u||``.
-- ``exact``: differentiates ``L_val(w'(a), a)`` through the virtual step with nested tapes
-  (the ground truth the finite-difference estimate approaches).
+- ``exact``: the same formula with ``d/da (dL_train/dw . u)`` differentiated exactly by
+  nested tapes: ``dL_val(w'(a), a)/da`` through the virtual step, the ground truth the
+  finite-difference estimate approaches.
 """
 
 from __future__ import annotations
@@ -153,15 +154,6 @@ class Architect:
         loss, y_pred, grads = self.evaluate(values, x, y, with_penalty)
         return all_reduce_sum(_dense([grads[i] for i in wrt])), loss, y_pred
 
-    def tape_gradients(self, values, wrt, x, y, with_penalty=True):
-        """``gradients`` on the caller's tape (``loss_at``), not through the traced pass:
-        for the exact architect, which differentiates them again under its own context."""
-        with tf.GradientTape() as tape:
-            tape.watch([values[i] for i in wrt])
-            loss, y_pred = self.loss_at(values, x, y, with_penalty)
-        grads = tape.gradient(loss, [values[i] for i in wrt])
-        return all_reduce_sum(_dense(grads)), loss, y_pred
-
     def virtual_step(self, weights, grads):
         """``w'``: where the weight optimizer's next step (before clipping) would take ``w``."""
         sm = self.search_model
@@ -186,6 +178,23 @@ class Architect:
         values, _, arch = self._split()
         return self.gradients(values, arch, *val_batch)
 
+    def _virtual_pass(self, train_batch, val_batch):
+        """What the second-order and exact architects share: the training gradient at
+        ``w``, the virtual step ``w'``, the validation pass there, and ``u``.
+
+        Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``u`` (``(dw'/dg)^T v``,
+        ``v = dL_val(w', a)/dw'``) and the val loss and predictions.
+        """
+        sm = self.search_model
+        values, weight, arch = self._split()
+        w = [values[i] for i in weight]
+        g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
+        virtual = _replace(values, weight, self.virtual_step(w, g_train))
+        g_val, val_loss, val_pred = self.gradients(virtual, weight + arch, *val_batch)
+        v, d_alpha = g_val[: len(weight)], _zeros_for_none(g_val[len(weight) :], arch, values)
+        u = step_vector_product(sm.weight_optimizer, sm.weight_vars, w, g_train, v, sm.weight_decay)
+        return dict(d_alpha=d_alpha, u=u, val_loss=val_loss, val_pred=val_pred)
+
     def second_order_terms(self, train_batch, val_batch):
         """The pieces of the DARTS estimate, for inspection and tests.
 
@@ -196,26 +205,21 @@ class Architect:
         Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``grad_plus`` and ``grad_minus``
         (dL_train/da at ``w +- eps * u``), ``eps``, and the val loss and predictions.
         """
-        sm = self.search_model
+        t = self._virtual_pass(train_batch, val_batch)
         values, weight, arch = self._split()
-        w = [values[i] for i in weight]
-        g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
-        virtual = _replace(values, weight, self.virtual_step(w, g_train))
-        g_val, val_loss, val_pred = self.gradients(virtual, weight + arch, *val_batch)
-        v, d_alpha = g_val[: len(weight)], _zeros_for_none(g_val[len(weight) :], arch, values)
-        u = step_vector_product(sm.weight_optimizer, sm.weight_vars, w, g_train, v, sm.weight_decay)
+        w, u = [values[i] for i in weight], t["u"]
         eps = self.fd_epsilon / global_norm(u)
         plus = _replace(values, weight, [wi + eps * ui for wi, ui in zip(w, u)])
         minus = _replace(values, weight, [wi - eps * ui for wi, ui in zip(w, u)])
         g_plus, _, _ = self.gradients(plus, arch, *train_batch, with_penalty=False)
         g_minus, _, _ = self.gradients(minus, arch, *train_batch, with_penalty=False)
         return dict(
-            d_alpha=d_alpha,
+            d_alpha=t["d_alpha"],
             grad_plus=_zeros_for_none(g_plus, arch, values),
             grad_minus=_zeros_for_none(g_minus, arch, values),
             eps=eps,
-            val_loss=val_loss,
-            val_pred=val_pred,
+            val_loss=t["val_loss"],
+            val_pred=t["val_pred"],
         )
 
     def second_order(self, train_batch, val_batch):
@@ -227,17 +231,45 @@ class Architect:
         return grads, t["val_loss"], t["val_pred"]
 
     def exact(self, train_batch, val_batch):
+        """``dL_val(w'(a), a)/da`` exactly: ``d_alpha + d/da (g_train . u)`` with the second
+        term differentiated by nested tapes instead of finite differences.
+
+        The training pass is taken twice: once for ``w'`` (the validation pass follows),
+        then again under the nested tapes with the same noise (the random states are
+        replayed), so that it is the same function of ``a``. Differentiating
+        ``L_val(w'(a), a)`` in one nested pass instead kept the validation pass's
+        activations alive beside the training pass's second-order ones: the peak memory
+        is now the larger of the two, not their sum.
+        """
+        states = self.random_states()
+        replay = [tf.identity(s.value) for s in states]  # copies, not the variables
+        t = self._virtual_pass(train_batch, val_batch)
+        after = [tf.identity(s.value) for s in states]
+        for state, value in zip(states, replay):
+            state.assign(value)
         values, weight, arch = self._split()
-        alphas = [values[i] for i in arch]
+        # After the validation pass (through u): a step's graph orders ops only by their
+        # inputs, and run beside it, the nested pass's activations would add to its own.
+        with tf.control_dependencies(t["u"]):
+            values = [tf.identity(v) for v in values]
+        w, alphas = [values[i] for i in weight], [values[i] for i in arch]
         # Keras's moments stop a gradient that second derivatives need (see moments.py).
         with moments.exact_second_derivatives(), tf.GradientTape() as outer:
             outer.watch(alphas)
-            w = [values[i] for i in weight]
-            g_train, _, _ = self.tape_gradients(values, weight, *train_batch, with_penalty=False)
-            w_virtual = self.virtual_step(w, g_train)
-            val_loss, val_pred = self.loss_at(_replace(values, weight, w_virtual), *val_batch)
-        grads = all_reduce_sum(outer.gradient(val_loss, alphas))
-        return grads, val_loss, val_pred
+            with tf.GradientTape() as inner:
+                inner.watch(w)
+                loss, _ = self.loss_at(values, *train_batch, with_penalty=False)
+            # This replica's share of the training gradient; the products' derivatives are
+            # summed over replicas below, as the gradient is.
+            g_train = _dense(inner.gradient(loss, w))
+            product = tf.add_n(
+                [tf.reduce_sum(g * u) for g, u in zip(g_train, t["u"]) if g is not None]
+            )
+        mixed = _zeros_for_none(all_reduce_sum(outer.gradient(product, alphas)), arch, values)
+        for state, value in zip(states, after):
+            state.assign(value)
+        grads = [d + m for d, m in zip(t["d_alpha"], mixed)]
+        return grads, t["val_loss"], t["val_pred"]
 
 
 def _zeros_for_none(grads, indices, values):
