@@ -8,6 +8,7 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 from tensorflow.python.eager import context
 
 from keras_das.runs import graph_options
+from keras_das.space import kernels
 
 RewriterConfig = rewriter_config_pb2.RewriterConfig
 
@@ -41,5 +42,8 @@ def test_shorten_graph_optimization_sets_one_round_and_no_cpu_only_passes(restor
     assert options.meta_optimizer_iterations == RewriterConfig.ONE
     if not tf.config.list_logical_devices("GPU"):
         assert options.memory_optimization == RewriterConfig.NO_MEM_OPT
-        assert options.layout_optimizer == RewriterConfig.OFF
+        for name in ("layout_optimizer", "loop_optimization", "constant_folding"):
+            assert getattr(options, name) == RewriterConfig.OFF, name
+        assert options.disable_tfg_optimizer
+        assert (options.remapping == RewriterConfig.OFF) == (kernels.onednn_enabled() is False)
     np.testing.assert_array_equal(_function_result(), before)
