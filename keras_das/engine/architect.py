@@ -212,6 +212,9 @@ class Architect:
         plus = _replace(values, weight, [wi + eps * ui for wi, ui in zip(w, u)])
         minus = _replace(values, weight, [wi - eps * ui for wi, ui in zip(w, u)])
         g_plus, _, _ = self.gradients(plus, arch, *train_batch, with_penalty=False)
+        # One pass after the other: run side by side (nothing in their inputs orders them),
+        # both passes' activations are alive at once.
+        minus = _after(g_plus, minus)
         g_minus, _, _ = self.gradients(minus, arch, *train_batch, with_penalty=False)
         return dict(
             d_alpha=t["d_alpha"],
@@ -248,10 +251,9 @@ class Architect:
         for state, value in zip(states, replay):
             state.assign(value)
         values, weight, arch = self._split()
-        # After the validation pass (through u): a step's graph orders ops only by their
-        # inputs, and run beside it, the nested pass's activations would add to its own.
-        with tf.control_dependencies(t["u"]):
-            values = [tf.identity(v) for v in values]
+        # After the validation pass (u comes from it): run beside it, the nested pass's
+        # activations would add to its own.
+        values = _after(t["u"], values)
         w, alphas = [values[i] for i in weight], [values[i] for i in arch]
         # Keras's moments stop a gradient that second derivatives need (see moments.py).
         with moments.exact_second_derivatives(), tf.GradientTape() as outer:
@@ -270,6 +272,13 @@ class Architect:
             state.assign(value)
         grads = [d + m for d, m in zip(t["d_alpha"], mixed)]
         return grads, t["val_loss"], t["val_pred"]
+
+
+def _after(tensors, values):
+    """``values``, computed only once ``tensors`` are: in a step's graph, ops run as soon as
+    their inputs are ready, so two passes with no data between them may run at once."""
+    with tf.control_dependencies([t for t in tensors if t is not None]):
+        return [tf.identity(v) for v in values]
 
 
 def _zeros_for_none(grads, indices, values):
