@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 import tensorflow as tf  # noqa: E402
 
 from keras_das import io_utils  # noqa: E402
+from keras_das.runs import distribution  # noqa: E402
 from keras_das.space import kernels  # noqa: E402
 from keras_das.space.genotype import Genotype  # noqa: E402
 from keras_das.space.genotype import get_genotype  # noqa: E402
@@ -267,7 +268,7 @@ def run_environment() -> dict:
     return {
         "tensorflow": tf.__version__,
         "onednn": kernels.onednn_enabled(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus": distribution.usable_cpus(),
     }
 
 
