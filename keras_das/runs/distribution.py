@@ -125,9 +125,10 @@ def chosen_threads(inter_op: int = AUTO_THREADS, intra_op: int = AUTO_THREADS):
     TensorFlow sizes both of its pools to the processors: on 2 of them it runs two ops at
     once and splits each over two threads, four busy threads on two processors. A search
     step is many mid-sized ops, so there one thread per op (``intra_op = 1``) measured
-    7-11% faster per step (DARTS sizes S and D, second order, both CPU kernel paths; see
-    ``benchmarks/README.md``). With more processors each op needs its threads, and that
-    was not measured: TensorFlow's choice there, and for ``inter_op`` everywhere.
+    7-11% faster per step with the portable CPU kernels and 27% with oneDNN's (DARTS sizes
+    S and D; see ``benchmarks/README.md``), for 0.2-0.3 GB more peak memory at size D. With
+    more processors each op needs its threads, and that was not measured: TensorFlow's
+    choice there, and for ``inter_op`` everywhere.
     """
     if inter_op == AUTO_THREADS:
         inter_op = 0
