@@ -32,7 +32,7 @@ Graph optimisation is the binaries' (``keras_das.runs.graph_options``: one Grapp
 no memory or layout optimizer on CPU-only hosts); ``--graph_options default`` measures with
 TensorFlow's defaults instead. Thread pools are the binaries' too
 (``keras_das.runs.distribution.set_threads``: one thread per op on hosts with at most two
-processors); ``--inter_op_threads 0 --intra_op_threads 0`` measures with TensorFlow's own.
+processors and no GPU); ``--inter_op_threads 0 --intra_op_threads 0`` measures with TensorFlow's own.
 
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
 with edge normalisation (on the fused cells too, as every remedy).

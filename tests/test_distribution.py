@@ -15,17 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
-    "cpus,asked,chosen",
+    "cpus,gpus,asked,chosen",
     [
-        (2, (-1, -1), (0, 1)),  # two processors: one thread per op
-        (1, (-1, -1), (0, 1)),
-        (8, (-1, -1), (0, 0)),  # more: TensorFlow's choice
-        (2, (0, 0), (0, 0)),
-        (8, (3, 2), (3, 2)),
+        (2, 0, (-1, -1), (0, 1)),  # two processors: one thread per op
+        (1, 0, (-1, -1), (0, 1)),
+        (8, 0, (-1, -1), (0, 0)),  # more: TensorFlow's choice
+        (2, 1, (-1, -1), (0, 0)),  # a GPU runs the step's ops: TensorFlow's choice
+        (2, 0, (0, 0), (0, 0)),
+        (8, 1, (3, 2), (3, 2)),
     ],
 )
-def test_thread_choice(cpus, asked, chosen, monkeypatch):
+def test_thread_choice(cpus, gpus, asked, chosen, monkeypatch):
     monkeypatch.setattr(distribution, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(distribution, "_gpus", lambda: ["GPU"] * gpus)
     assert distribution.chosen_threads(*asked) == chosen
 
 

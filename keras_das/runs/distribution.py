@@ -128,13 +128,19 @@ def chosen_threads(inter_op: int = AUTO_THREADS, intra_op: int = AUTO_THREADS):
     7-11% faster per step with the portable CPU kernels and 27% with oneDNN's (DARTS sizes
     S and D; see ``benchmarks/README.md``), for 0.2-0.3 GB more peak memory at size D. With
     more processors each op needs its threads, and that was not measured: TensorFlow's
-    choice there, and for ``inter_op`` everywhere.
+    choice there, on hosts with a GPU (whose ops the step runs there), and for
+    ``inter_op`` everywhere.
     """
     if inter_op == AUTO_THREADS:
         inter_op = 0
     if intra_op == AUTO_THREADS:
-        intra_op = 1 if usable_cpus() <= 2 else 0
+        intra_op = 1 if usable_cpus() <= 2 and not _gpus() else 0
     return inter_op, intra_op
+
+
+def _gpus() -> list:
+    """The GPUs TensorFlow sees (listing them does not start TensorFlow's runtime)."""
+    return tf.config.list_physical_devices("GPU")
 
 
 def set_threads(inter_op: int = AUTO_THREADS, intra_op: int = AUTO_THREADS) -> tuple[int, int]:
