@@ -51,8 +51,8 @@ import tensorflow as tf
 from configs import cifar
 from keras_das.runs import experiment
 config = cifar.get_config("smoke")
-config.distribution.inter_op_threads = 3
-config.distribution.intra_op_threads = 2
+config.distribution.inter_op_threads = int(sys.argv[1])
+config.distribution.intra_op_threads = int(sys.argv[2])
 logging.basicConfig(level=logging.INFO)
 experiment.Experiment.start(config, tempfile.mkdtemp())
 tf.constant(1.0) + 1.0
@@ -61,16 +61,23 @@ print(tf.config.threading.get_inter_op_parallelism_threads(),
 """
 
 
-def test_the_binaries_size_the_pools_before_tensorflow_starts():
-    # A fresh process, as a binary: the config's sizes hold, without a warning that
-    # TensorFlow was initialised first (the binaries' imports and config must run no op).
+@pytest.mark.parametrize("asked", [(3, 2), (-1, -1)])
+def test_the_binaries_size_the_pools_before_tensorflow_starts(asked):
+    # A fresh process, as a binary: the sizes hold, without a warning that TensorFlow was
+    # initialised first (the binaries' imports, config and our choice must run no op).
     result = subprocess.run(
-        [sys.executable, "-c", _START], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _START, *map(str, asked)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["3", "2"]
+    inter, intra = result.stdout.split()[-2:]
     assert "not applied" not in result.stderr
-    assert "TensorFlow threads: inter_op 3, intra_op 2" in result.stderr
+    assert f"TensorFlow threads: inter_op {inter}, intra_op {intra}" in result.stderr
+    if asked != (-1, -1):
+        assert (int(inter), int(intra)) == asked
 
 
 def test_sizes_that_come_too_late_are_reported_not_fatal(caplog):
