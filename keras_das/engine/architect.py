@@ -87,11 +87,12 @@ class Architect:
                 state.assign(value)
         return loss, y_pred
 
-    def _scoped_loss(self, values, x, y, with_penalty, states):
+    def _scoped_loss(self, values, x, y, with_penalty, states, fixed=()):
         """The loss and predictions at ``values`` in a ``keras.StatelessScope``, and the
-        values ``states`` would have been assigned there (``None``: not assigned)."""
+        values ``states`` would have been assigned there (``None``: not assigned).
+        ``fixed``: more ``(variable, value)`` pairs the scope reads instead."""
         sm = self.search_model
-        mapping = list(zip(sm.supernet.trainable_variables, values))
+        mapping = [*zip(sm.supernet.trainable_variables, values), *fixed]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             y_pred = sm.supernet(x, training=True)
             loss = sm.total_loss(y, y_pred, sm.supernet.losses, with_penalty)
@@ -178,15 +179,15 @@ class Architect:
         values, _, arch = self._split()
         return self.gradients(values, arch, *val_batch)
 
-    def _virtual_pass(self, train_batch, val_batch):
+    def _virtual_pass(self, split, train_batch, val_batch):
         """What the second-order and exact architects share: the training gradient at
         ``w``, the virtual step ``w'``, the validation pass there, and ``u``.
 
-        Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``u`` (``(dw'/dg)^T v``,
-        ``v = dL_val(w', a)/dw'``) and the val loss and predictions.
+        ``split`` is ``_split()``'s. Returns a dict with ``d_alpha`` (dL_val(w', a)/da),
+        ``u`` (``(dw'/dg)^T v``, ``v = dL_val(w', a)/dw'``) and the val loss and predictions.
         """
         sm = self.search_model
-        values, weight, arch = self._split()
+        values, weight, arch = split
         w = [values[i] for i in weight]
         g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
         virtual = _replace(values, weight, self.virtual_step(w, g_train))
@@ -205,8 +206,8 @@ class Architect:
         Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``grad_plus`` and ``grad_minus``
         (dL_train/da at ``w +- eps * u``), ``eps``, and the val loss and predictions.
         """
-        t = self._virtual_pass(train_batch, val_batch)
-        values, weight, arch = self._split()
+        values, weight, arch = split = self._split()
+        t = self._virtual_pass(split, train_batch, val_batch)
         w, u = [values[i] for i in weight], t["u"]
         eps = self.fd_epsilon / global_norm(u)
         plus = _replace(values, weight, [wi + eps * ui for wi, ui in zip(w, u)])
@@ -238,19 +239,17 @@ class Architect:
         term differentiated by nested tapes instead of finite differences.
 
         The training pass is taken twice: once for ``w'`` (the validation pass follows),
-        then again under the nested tapes with the same noise (the random states are
-        replayed), so that it is the same function of ``a``. Differentiating
-        ``L_val(w'(a), a)`` in one nested pass instead kept the validation pass's
-        activations alive beside the training pass's second-order ones: the peak memory
-        is now the larger of the two, not their sum.
+        then again under the nested tapes with the same noise (its scope reads the random
+        states the first pass started from, and its own advances are discarded), so that
+        it is the same function of ``a``. Differentiating ``L_val(w'(a), a)`` in one nested
+        pass instead kept the validation pass's activations alive beside the training
+        pass's second-order ones: the peak memory is now the larger of the two, not their
+        sum.
         """
-        states = self.random_states()
-        replay = [tf.identity(s.value) for s in states]  # copies, not the variables
-        t = self._virtual_pass(train_batch, val_batch)
-        after = [tf.identity(s.value) for s in states]
-        for state, value in zip(states, replay):
-            state.assign(value)
-        values, weight, arch = self._split()
+        # The states' values now (copies, not the variables), for the nested pass.
+        replay = [(s, tf.identity(s.value)) for s in self.random_states()]
+        values, weight, arch = split = self._split()
+        t = self._virtual_pass(split, train_batch, val_batch)
         # After the validation pass (u comes from it): run beside it, the nested pass's
         # activations would add to its own.
         values = _after(t["u"], values)
@@ -258,9 +257,9 @@ class Architect:
         # Keras's moments stop a gradient that second derivatives need (see moments.py).
         with moments.exact_second_derivatives(), tf.GradientTape() as outer:
             outer.watch(alphas)
-            with tf.GradientTape() as inner:
+            with tf.GradientTape() as inner, primitives.discarding_batch_norm_statistics():
                 inner.watch(w)
-                loss, _ = self.loss_at(values, *train_batch, with_penalty=False)
+                loss, _, _ = self._scoped_loss(values, *train_batch, False, [], replay)
             # This replica's share of the training gradient; the products' derivatives are
             # summed over replicas below, as the gradient is.
             g_train = _dense(inner.gradient(loss, w))
@@ -268,8 +267,6 @@ class Architect:
                 [tf.reduce_sum(g * u) for g, u in zip(g_train, t["u"]) if g is not None]
             )
         mixed = _zeros_for_none(all_reduce_sum(outer.gradient(product, alphas)), arch, values)
-        for state, value in zip(states, after):
-            state.assign(value)
         grads = [d + m for d, m in zip(t["d_alpha"], mixed)]
         return grads, t["val_loss"], t["val_pred"]
 
