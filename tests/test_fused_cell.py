@@ -9,6 +9,7 @@ import keras_das
 from keras_das import FusedSearchCell
 from keras_das import SearchCell
 from keras_das import SearchNetwork
+from keras_das.space import fused_batch_norm
 from keras_das.space import primitives
 from keras_das.space import stacked_ops
 from keras_das.space import variables
@@ -513,32 +514,42 @@ def _batch_norm_reference(x, scale, epsilon=primitives.BN_EPSILON):
     return (x - mean) * tf.math.rsqrt(variance + epsilon) * scale
 
 
-def _hessian_vector_product(f, x, scale, vector):
+def _hessian_vector_product(f, x, scale, vector, scale_vector):
+    """The gradient of a loss through ``f`` w.r.t. ``x`` and ``scale``, and the
+    derivatives of its product with ``(vector, scale_vector)`` w.r.t. both."""
     with tf.GradientTape() as outer:
         outer.watch([x, scale])
         with tf.GradientTape() as inner:
-            inner.watch(x)
+            inner.watch([x, scale])
             loss = tf.reduce_sum(tf.sin(f(x, scale)))
-        grad = inner.gradient(loss, x)
-        projected = tf.reduce_sum(grad * vector)
-    return [grad, *outer.gradient(projected, [x, scale])]
+        grads = inner.gradient(loss, [x, scale])
+        projected = tf.reduce_sum(grads[0] * vector) + tf.reduce_sum(grads[1] * scale_vector)
+    return [*grads, *outer.gradient(projected, [x, scale])]
 
 
-def test_fused_batch_norm_second_derivatives():
+@pytest.mark.parametrize("path", ["kernel", "twice_differentiable"])
+def test_fused_batch_norm_second_derivatives(path):
+    """Both ways of differentiating the fused batch norm twice (TensorFlow's gradient of
+    the kernel's gradient, and ``normalize``'s written-out one, which the exact architect's
+    nested pass uses) against plain float64 ops."""
     rng = np.random.default_rng(3)
     x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
-    scale = rng.normal(size=(6,))
+    scale, scale_vector = (rng.normal(size=(6,)) for _ in range(2))
     bn = FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
     bn.build(x.shape)
 
     def fused(x, scale):
-        return bn(x, training=True, scale=scale)
+        if path == "kernel":
+            return bn(x, training=True, scale=scale)
+        with fused_batch_norm.twice_differentiable():
+            with primitives.discarding_batch_norm_statistics():
+                return bn(x, training=True, scale=scale)
 
+    arrays = (x, scale, vector, scale_vector)
     expected = _hessian_vector_product(
-        _batch_norm_reference, *(tf.constant(a, "float64") for a in (x, scale, vector))
+        _batch_norm_reference, *(tf.constant(a, "float64") for a in arrays)
     )
-    actual = _hessian_vector_product(
-        fused, *(tf.constant(a, "float32") for a in (x, scale, vector))
-    )
-    for a, e, what in zip(actual, expected, ("gradient", "Hv w.r.t. x", "Hv w.r.t. scale")):
-        _assert_close(a, e, 1e-5, what)
+    actual = _hessian_vector_product(fused, *(tf.constant(a, "float32") for a in arrays))
+    what = ("gradient w.r.t. x", "gradient w.r.t. scale", "Hv w.r.t. x", "Hv w.r.t. scale")
+    for a, e, name in zip(actual, expected, what):
+        _assert_close(a, e, 1e-5, name)

@@ -35,6 +35,7 @@ from keras_das.engine.updates import all_reduce_sum
 from keras_das.engine.updates import num_replicas
 from keras_das.engine.virtual_step import next_weights
 from keras_das.engine.virtual_step import step_vector_product
+from keras_das.space import fused_batch_norm
 from keras_das.space import primitives
 
 ARCHITECTS = ("first_order", "second_order", "exact")
@@ -254,8 +255,10 @@ class Architect:
         # activations would add to its own.
         values = _after(t["u"], values)
         w, alphas = [values[i] for i in weight], [values[i] for i in arch]
-        # Keras's moments stop a gradient that second derivatives need (see moments.py).
-        with moments.exact_second_derivatives(), tf.GradientTape() as outer:
+        # Keras's moments stop a gradient that second derivatives need (see moments.py);
+        # the fused batch norms' second derivatives take fewer ops written out.
+        exact_moments = moments.exact_second_derivatives()
+        with exact_moments, fused_batch_norm.twice_differentiable(), tf.GradientTape() as outer:
             outer.watch(alphas)
             with tf.GradientTape() as inner, primitives.discarding_batch_norm_statistics():
                 inner.watch(w)

@@ -3,9 +3,19 @@
 The stacked ops of ``keras_das.space.stacked_ops`` end in it: one batch norm over the
 ``E * C`` channels of ``E`` edges (per-channel statistics are the per-edge statistics),
 whose ``scale`` argument applies each edge's mixing weight in the kernel's own pass.
+
+Second derivatives: TensorFlow differentiates the kernel's gradient op
+(``FusedBatchNormGradV3``) by re-deriving the gradient in some twenty ops under a nested
+tape and differentiating those, about a fifth of the tracing time of the exact
+architect's step. Within ``twice_differentiable()`` the training call's gradient is
+instead one custom op whose own gradient is written out (``_normalize_grad``): the same
+derivatives (to float32 rounding, see ``tests/test_fused_cell.py``) in fewer ops.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import keras
 import numpy as np
@@ -52,25 +62,12 @@ class FusedBatchNorm(layers.BatchNormalization):
         return outputs if scale is None else outputs * ops.cast(scale, outputs.dtype)
 
     def _fused_training_call(self, inputs, scale):
-        # The kernel op directly, with NumPy constants and, for static shapes, the element
-        # count as a Python number: tf.ones/tf.zeros, tf.nn's wrapper and a dynamic count
-        # were about a quarter of a call's graph ops (Python tracing pays per op,
-        # constants included).
         channels = inputs.shape[-1]
-        dtype = inputs.dtype.as_numpy_dtype
         if scale is None:
-            scale = np.ones((channels,), dtype)
-        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs,
-            scale=scale,
-            offset=np.zeros((channels,), dtype),
-            mean=np.zeros((0,), dtype),
-            variance=np.zeros((0,), dtype),
-            epsilon=self.epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
-        )
+            scale = np.ones((channels,), inputs.dtype.as_numpy_dtype)
+        if twice_differentiated() and primitives.batch_norm_statistics_discarded():
+            return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
+        outputs, mean, variance = _kernel(inputs, scale, self.epsilon)
         if primitives.batch_norm_statistics_discarded():
             return outputs
         # The kernel returns the unbiased variance (for PyTorch-style running statistics);
@@ -84,6 +81,117 @@ class FusedBatchNorm(layers.BatchNormalization):
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
             moving.assign(moving.value * momentum + batch * (1.0 - momentum))
         return outputs
+
+
+_twice = threading.local()
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Within this context (on this thread), ``FusedBatchNorm``'s training calls whose
+    statistics are discarded run ``normalize``: the same outputs, with second derivatives
+    in fewer graph ops. For the exact architect's nested pass."""
+    previous = twice_differentiated()
+    _twice.on = True
+    try:
+        yield
+    finally:
+        _twice.on = previous
+
+
+def twice_differentiated() -> bool:
+    """Whether inside ``twice_differentiable()`` (on this thread)."""
+    return getattr(_twice, "on", False)
+
+
+_AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
+
+
+def _kernel(x, scale, epsilon):
+    """The fused kernel in training mode: outputs, batch mean and unbiased batch variance.
+
+    The op directly, with NumPy constants: ``tf.ones``/``tf.zeros`` and ``tf.nn``'s wrapper
+    were about a quarter of a call's graph ops (Python tracing pays per op, constants
+    included)."""
+    channels, dtype = x.shape[-1], x.dtype.as_numpy_dtype
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=scale,
+        offset=np.zeros((channels,), dtype),
+        mean=np.zeros((0,), dtype),
+        variance=np.zeros((0,), dtype),
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )[:3]
+
+
+def _standardized(x, epsilon):
+    """``(x - mean) * r`` and ``r = 1 / sqrt(variance + epsilon)``, per channel (batch
+    statistics, biased variance)."""
+    centred = x - tf.reduce_mean(x, _AXES, keepdims=True)
+    r = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), _AXES, keepdims=True) + epsilon)
+    return centred * r, r
+
+
+def normalize(x, scale, epsilon):
+    """Training-mode batch norm of ``[batch, h, w, channels]`` ``x`` (no offset) times
+    ``scale`` (``[channels]``), whose gradient is ``_normalize_grad``: one op forward (the
+    fused kernel), one op per derivative."""
+
+    @tf.custom_gradient
+    def forward(x, scale):
+        def grad(dy):
+            return _normalize_grad(dy, x, scale, epsilon)
+
+        return _kernel(x, scale, epsilon)[0], grad
+
+    return forward(x, scale)
+
+
+def _normalize_grad(dy, x, scale, epsilon):
+    """``(dx, dscale)`` of ``normalize`` for the output gradient ``dy``, with its own
+    gradient written out.
+
+    With ``xh = (x - mean) * r`` and ``dz = dy * scale``, per channel over the ``N`` values
+    of a channel: ``dx = r (dz - mean(dz) - xh mean(dz xh))``, ``dscale = sum(dy xh)``.
+    Differentiating ``<q, dx> + <p, dscale>`` (``q``, ``p`` the cotangents of ``dx`` and
+    ``dscale``), with ``b = mean(dz xh)`` and ``c = mean(q xh)``:
+
+    - ``d/d dz = r (q - mean(q) - xh c)`` (the same projection as ``dx``), so
+      ``d/d dy = scale * d/d dz + p xh`` and ``d/d scale = sum(dy * d/d dz)``;
+    - through ``xh`` (``r`` held): ``G = -r b q - r c dz + p dy``; through ``r`` (``xh``
+      held): ``<q, dx> / r``. Back to ``x`` as batch norm's own backward does
+      (``dr/dx = -r^2 xh / N``): ``d/dx = r (G - mean(G) - xh mean(G xh)) - r mean(q dx) xh``.
+    """
+
+    @tf.custom_gradient
+    def backward(dy, x, scale):
+        xh, r = _standardized(x, epsilon)
+        dz = dy * scale
+        b = tf.reduce_mean(dz * xh, _AXES, keepdims=True)
+        dx = r * (dz - tf.reduce_mean(dz, _AXES, keepdims=True) - xh * b)
+        dscale = tf.reduce_sum(dy * xh, _AXES)
+
+        def grad(q, p):
+            q = tf.zeros_like(x) if q is None else q
+            p = tf.zeros_like(scale) if p is None else p
+            c = tf.reduce_mean(q * xh, _AXES, keepdims=True)
+            d_dz = r * (q - tf.reduce_mean(q, _AXES, keepdims=True) - xh * c)
+            d_dy = d_dz * scale + xh * p
+            d_scale = tf.reduce_sum(dy * d_dz, _AXES)
+            g = p * dy - r * (b * q + c * dz)
+            d_x = r * (
+                g
+                - tf.reduce_mean(g, _AXES, keepdims=True)
+                - xh * tf.reduce_mean(g * xh + q * dx, _AXES, keepdims=True)
+            )
+            return d_dy, d_x, d_scale
+
+        return (dx, dscale), grad
+
+    return backward(dy, x, scale)
 
 
 def batch_norm(name: str | None = None, dtype=None) -> FusedBatchNorm:
