@@ -175,13 +175,18 @@ def _normalize_grad(dy, x, scale, epsilon):
         dscale = tf.reduce_sum(dy * xh, _AXES)
 
         def grad(q, p):
-            q = tf.zeros_like(x) if q is None else q
-            p = tf.zeros_like(scale) if p is None else p
+            # The exact architect differentiates dx only: the tape passes zeros for p,
+            # whose terms are left out rather than computed on whole feature maps.
+            if _known_zero(q):
+                q = tf.zeros_like(x)
             c = tf.reduce_mean(q * xh, _AXES, keepdims=True)
             d_dz = r * (q - tf.reduce_mean(q, _AXES, keepdims=True) - xh * c)
-            d_dy = d_dz * scale + xh * p
+            d_dy = d_dz * scale
             d_scale = tf.reduce_sum(dy * d_dz, _AXES)
-            g = p * dy - r * (b * q + c * dz)
+            g = -r * (b * q + c * dz)
+            if not _known_zero(p):
+                d_dy += xh * p
+                g += p * dy
             d_x = r * (
                 g
                 - tf.reduce_mean(g, _AXES, keepdims=True)
@@ -192,6 +197,20 @@ def _normalize_grad(dy, x, scale, epsilon):
         return (dx, dscale), grad
 
     return backward(dy, x, scale)
+
+
+def _known_zero(t) -> bool:
+    """Whether ``t`` is ``None`` or zeros known when tracing (as a tape fills in for an
+    output nothing was differentiated through). Reads the op only: evaluating a tensor
+    statically walks the graph above it."""
+    if t is None:
+        return True
+    if tf.executing_eagerly():
+        return not np.any(t)
+    op = t.op.inputs[1].op if t.op.type == "Fill" else t.op
+    if op.type == "ZerosLike":
+        return True
+    return op.type == "Const" and not np.any(tf.get_static_value(op.outputs[0]))
 
 
 def batch_norm(name: str | None = None, dtype=None) -> FusedBatchNorm:
