@@ -529,13 +529,15 @@ def _hessian_vector_product(f, x, scale, vector, scale_vector):
     return [*grads, *outer.gradient(projected, [x, scale])]
 
 
+@pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("scale_term", [True, False])
 @pytest.mark.parametrize("path", ["kernel", "twice_differentiable"])
-def test_fused_batch_norm_second_derivatives(path, scale_term):
+def test_fused_batch_norm_second_derivatives(path, scale_term, traced):
     """Both ways of differentiating the fused batch norm twice (TensorFlow's gradient of
     the kernel's gradient, and ``normalize``'s written-out one, which the exact architect's
-    nested pass uses) against plain float64 ops; without ``scale_term`` the product leaves
-    out the gradient w.r.t. the scale, as the exact architect's does."""
+    nested pass uses) against plain float64 ops, eagerly and in a traced function (where
+    the tape's zero cotangents are recognised from their ops); without ``scale_term`` the
+    product leaves out the gradient w.r.t. the scale, as the exact architect's does."""
     rng = np.random.default_rng(3)
     x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
     scale, scale_vector = (rng.normal(size=(6,)) for _ in range(2))
@@ -557,7 +559,8 @@ def test_fused_batch_norm_second_derivatives(path, scale_term):
         return [None if a is None else tf.constant(a, dtype) for a in arrays]
 
     expected = _hessian_vector_product(_batch_norm_reference, *constants("float64"))
-    actual = _hessian_vector_product(fused, *constants("float32"))
+    product = tf.function(_hessian_vector_product) if traced else _hessian_vector_product
+    actual = product(fused, *constants("float32"))
     what = ("gradient w.r.t. x", "gradient w.r.t. scale", "Hv w.r.t. x", "Hv w.r.t. scale")
     for a, e, name in zip(actual, expected, what):
         _assert_close(a, e, 1e-5, name)

@@ -8,8 +8,9 @@ Second derivatives: TensorFlow differentiates the kernel's gradient op
 (``FusedBatchNormGradV3``) by re-deriving the gradient in some twenty ops under a nested
 tape and differentiating those, about a fifth of the tracing time of the exact
 architect's step. Within ``twice_differentiable()`` the training call's gradient is
-instead one custom op whose own gradient is written out (``_normalize_grad``): the same
-derivatives (to float32 rounding, see ``tests/test_fused_cell.py``) in fewer ops.
+still the kernel's gradient op, but its own gradient is written out (``_normalize_grad``,
+mostly two more calls of that op): the same derivatives (to float32 rounding, see
+``tests/test_fused_cell.py``) in fewer ops.
 """
 
 from __future__ import annotations
@@ -67,16 +68,13 @@ class FusedBatchNorm(layers.BatchNormalization):
             scale = np.ones((channels,), inputs.dtype.as_numpy_dtype)
         if twice_differentiated() and primitives.batch_norm_statistics_discarded():
             return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
-        outputs, mean, variance = _kernel(inputs, scale, self.epsilon)
+        outputs, mean, variance = _kernel(inputs, scale, self.epsilon)[:3]
         if primitives.batch_norm_statistics_discarded():
             return outputs
         # The kernel returns the unbiased variance (for PyTorch-style running statistics);
         # BatchNormalization averages the biased one.
-        if None in tuple(inputs.shape):
-            count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, inputs.dtype)
-        else:
-            count = float(np.prod(inputs.shape[:-1]))  # exact in float32, as the cast count
-        variance = variance * (count - 1.0) / count
+        n = _count(inputs)
+        variance = variance * (n - 1.0) / n
         momentum = self.momentum
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
             moving.assign(moving.value * momentum + batch * (1.0 - momentum))
@@ -108,7 +106,8 @@ _AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
 
 
 def _kernel(x, scale, epsilon):
-    """The fused kernel in training mode: outputs, batch mean and unbiased batch variance.
+    """The fused kernel in training mode: outputs, batch mean, unbiased batch variance and
+    the three reserve spaces its gradient op reads.
 
     The op directly, with NumPy constants: ``tf.ones``/``tf.zeros`` and ``tf.nn``'s wrapper
     were about a quarter of a call's graph ops (Python tracing pays per op, constants
@@ -124,75 +123,95 @@ def _kernel(x, scale, epsilon):
         exponential_avg_factor=1.0,
         data_format="NHWC",
         is_training=True,
-    )[:3]
+    )
 
 
-def _standardized(x, epsilon):
-    """``(x - mean) * r`` and ``r = 1 / sqrt(variance + epsilon)``, per channel (batch
-    statistics, biased variance)."""
-    centred = x - tf.reduce_mean(x, _AXES, keepdims=True)
-    r = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), _AXES, keepdims=True) + epsilon)
-    return centred * r, r
+def _kernel_grad(dy, x, scale, reserves, epsilon):
+    """``(dx, dscale)`` of ``_kernel``'s outputs for ``dy``, by the kernel's gradient op as
+    TensorFlow's own gradient computes them: with ``xh = (x - mean) * r``, ``r = 1 /
+    sqrt(biased variance + epsilon)``, per channel over its ``N`` values,
+    ``dx = scale * r * (dy - mean(dy) - xh * mean(dy * xh))`` and ``dscale = sum(dy * xh)``."""
+    return tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy,
+        x=x,
+        scale=scale,
+        reserve_space_1=reserves[0],
+        reserve_space_2=reserves[1],
+        reserve_space_3=reserves[2],
+        epsilon=epsilon,
+        data_format="NHWC",
+        is_training=True,
+    )[:2]
+
+
+def _count(x):
+    """The number of values per channel of channels-last ``x``, in its dtype: a Python
+    number for static shapes (exact in float32, as the cast count)."""
+    if None in tuple(x.shape):
+        return tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], x.dtype)
+    return float(np.prod(x.shape[:-1]))
 
 
 def normalize(x, scale, epsilon):
     """Training-mode batch norm of ``[batch, h, w, channels]`` ``x`` (no offset) times
-    ``scale`` (``[channels]``), whose gradient is ``_normalize_grad``: one op forward (the
-    fused kernel), one op per derivative."""
+    ``scale`` (``[channels]``), whose gradient is ``_normalize_grad``: the fused kernel
+    forward, its gradient op backward, and that op's own gradient written out."""
 
     @tf.custom_gradient
     def forward(x, scale):
-        def grad(dy):
-            return _normalize_grad(dy, x, scale, epsilon)
+        y, *statistics = _kernel(x, scale, epsilon)
 
-        return _kernel(x, scale, epsilon)[0], grad
+        def grad(dy):
+            return _normalize_grad(dy, x, scale, statistics, epsilon)
+
+        return y, grad
 
     return forward(x, scale)
 
 
-def _normalize_grad(dy, x, scale, epsilon):
-    """``(dx, dscale)`` of ``normalize`` for the output gradient ``dy``, with its own
-    gradient written out.
+def _normalize_grad(dy, x, scale, statistics, epsilon):
+    """``(dx, dscale)`` of ``normalize`` for the output gradient ``dy`` (the kernel's
+    gradient op), with the derivatives of that op written out.
 
-    With ``xh = (x - mean) * r`` and ``dz = dy * scale``, per channel over the ``N`` values
-    of a channel: ``dx = r (dz - mean(dz) - xh mean(dz xh))``, ``dscale = sum(dy xh)``.
-    Differentiating ``<q, dx> + <p, dscale>`` (``q``, ``p`` the cotangents of ``dx`` and
-    ``dscale``), with ``b = mean(dz xh)`` and ``c = mean(q xh)``:
+    ``statistics`` are the forward kernel's batch mean, unbiased variance and reserve
+    spaces: functions of ``x`` whose dependence the derivative w.r.t. ``x`` below includes.
+    With ``xh``, ``r`` and ``dx`` as in ``_kernel_grad``, ``dz = dy * scale`` and ``P(h) =
+    r (h - mean(h) - xh mean(h xh))`` (the kernel's gradient at unit scale), so that
+    ``dx = P(dz)``: differentiating ``<q, dx> + <p, dscale>`` (``q``, ``p`` the cotangents of
+    ``dx`` and ``dscale``), with ``b = mean(dz xh)`` and ``c = mean(q xh)``,
 
-    - ``d/d dz = r (q - mean(q) - xh c)`` (the same projection as ``dx``), so
-      ``d/d dy = scale * d/d dz + p xh`` and ``d/d scale = sum(dy * d/d dz)``;
+    - ``d/d dz = P(q)``, so ``d/d dy = scale * P(q) + p xh`` and ``d/d scale = sum(dy P(q))``;
     - through ``xh`` (``r`` held): ``G = -r b q - r c dz + p dy``; through ``r`` (``xh``
       held): ``<q, dx> / r``. Back to ``x`` as batch norm's own backward does
-      (``dr/dx = -r^2 xh / N``): ``d/dx = r (G - mean(G) - xh mean(G xh)) - r mean(q dx) xh``.
+      (``dr/dx = -r^2 xh / N``): ``d/dx = P(G) - r mean(q dx) xh``.
     """
+    mean, variance, *reserves = statistics
+    ones = np.ones((x.shape[-1],), x.dtype.as_numpy_dtype)
 
     @tf.custom_gradient
     def backward(dy, x, scale):
-        xh, r = _standardized(x, epsilon)
-        dz = dy * scale
-        b = tf.reduce_mean(dz * xh, _AXES, keepdims=True)
-        dx = r * (dz - tf.reduce_mean(dz, _AXES, keepdims=True) - xh * b)
-        dscale = tf.reduce_sum(dy * xh, _AXES)
+        dx, dscale = _kernel_grad(dy, x, scale, reserves, epsilon)
 
         def grad(q, p):
             # The exact architect differentiates dx only: the tape passes zeros for p,
             # whose terms are left out rather than computed on whole feature maps.
             if _known_zero(q):
                 q = tf.zeros_like(x)
-            c = tf.reduce_mean(q * xh, _AXES, keepdims=True)
-            d_dz = r * (q - tf.reduce_mean(q, _AXES, keepdims=True) - xh * c)
-            d_dy = d_dz * scale
-            d_scale = tf.reduce_sum(dy * d_dz, _AXES)
-            g = -r * (b * q + c * dz)
+            # Per-channel factors first: every product with a whole feature map costs a
+            # pass over it.
+            n = _count(x)
+            r = tf.math.rsqrt(variance * ((n - 1.0) / n) + epsilon)
+            projected_q, sum_q_xh = _kernel_grad(q, x, ones, reserves, epsilon)
+            b, c = scale * dscale / n, sum_q_xh / n
+            g = (-r * b) * q - (r * c * scale) * dy
+            d_dy = projected_q * scale
             if not _known_zero(p):
+                xh = (x - mean) * r
                 d_dy += xh * p
                 g += p * dy
-            d_x = r * (
-                g
-                - tf.reduce_mean(g, _AXES, keepdims=True)
-                - xh * tf.reduce_mean(g * xh + q * dx, _AXES, keepdims=True)
-            )
-            return d_dy, d_x, d_scale
+            d_x = _kernel_grad(g, x, ones, reserves, epsilon)[0]
+            d_x -= (tf.square(r) * tf.reduce_mean(q * dx, _AXES)) * (x - mean)  # r m xh
+            return d_dy, d_x, tf.reduce_sum(dy * projected_q, _AXES)
 
         return (dx, dscale), grad
 
