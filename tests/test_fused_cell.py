@@ -532,7 +532,7 @@ def _hessian_vector_product(f, x, scale, vector, scale_vector):
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("scale_term", [True, False])
 @pytest.mark.parametrize("path", ["kernel", "twice_differentiable"])
-def test_fused_batch_norm_second_derivatives(path, scale_term, traced):
+def test_fused_batch_norm_second_derivatives(path, scale_term, traced, monkeypatch):
     """Both ways of differentiating the fused batch norm twice (TensorFlow's gradient of
     the kernel's gradient, and ``normalize``'s written-out one, which the exact architect's
     nested pass uses) against plain float64 ops, eagerly and in a traced function (where
@@ -545,6 +545,11 @@ def test_fused_batch_norm_second_derivatives(path, scale_term, traced):
         scale_vector = None
     bn = FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
     bn.build(x.shape)
+    written_out = []  # calls of the written-out gradient: the path taken
+    gradient = fused_batch_norm._normalize_grad
+    monkeypatch.setattr(
+        fused_batch_norm, "_normalize_grad", lambda *a: written_out.append(a) or gradient(*a)
+    )
 
     def fused(x, scale):
         if path == "kernel":
@@ -564,3 +569,4 @@ def test_fused_batch_norm_second_derivatives(path, scale_term, traced):
     what = ("gradient w.r.t. x", "gradient w.r.t. scale", "Hv w.r.t. x", "Hv w.r.t. scale")
     for a, e, name in zip(actual, expected, what):
         _assert_close(a, e, 1e-5, name)
+    assert bool(written_out) == (path == "twice_differentiable")
