@@ -203,14 +203,15 @@ def _normalize_grad(dy, x, scale, statistics, epsilon):
             r = tf.math.rsqrt(variance * ((n - 1.0) / n) + epsilon)
             projected_q, sum_q_xh = _kernel_grad(q, x, ones, reserves, epsilon)
             b, c = scale * dscale / n, sum_q_xh / n
+            centred = x - mean
             g = (-r * b) * q - (r * c * scale) * dy
             d_dy = projected_q * scale
             if not _known_zero(p):
-                xh = (x - mean) * r
+                xh = centred * r
                 d_dy += xh * p
                 g += p * dy
             d_x = _kernel_grad(g, x, ones, reserves, epsilon)[0]
-            d_x -= (tf.square(r) * tf.reduce_mean(q * dx, _AXES)) * (x - mean)  # r m xh
+            d_x -= (tf.square(r) * tf.reduce_mean(q * dx, _AXES)) * centred  # r m xh
             return d_dy, d_x, tf.reduce_sum(dy * projected_q, _AXES)
 
         return (dx, dscale), grad
