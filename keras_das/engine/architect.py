@@ -276,8 +276,15 @@ class Architect:
 
 def _after(tensors, values):
     """``values``, computed only once ``tensors`` are: in a step's graph, ops run as soon as
-    their inputs are ready, so two passes with no data between them may run at once."""
-    with tf.control_dependencies([t for t in tensors if t is not None]):
+    their inputs are ready, so two passes with no data between them may run at once.
+
+    Through one barrier op: each value depending on each tensor directly made
+    ``len(tensors) * len(values)`` control edges (260,000 at DARTS size D, exact, where
+    ``u`` has a tensor per weight), which the graph optimiser and executor then walked."""
+    if tf.executing_eagerly():
+        return list(values)  # ops run in program order
+    barrier = tf.group([t for t in tensors if t is not None])
+    with tf.control_dependencies([barrier]):
         return [tf.identity(v) for v in values]
 
 
