@@ -33,6 +33,8 @@ no memory or layout optimizer on CPU-only hosts); ``--graph_options default`` me
 TensorFlow's defaults instead. Thread pools are the binaries' too
 (``keras_das.runs.distribution.set_threads``: one thread per op on hosts with at most two
 processors and no GPU); ``--inter_op_threads 0 --intra_op_threads 0`` measures with TensorFlow's own.
+So is the CPU allocator (``distribution.set_cpu_allocator``: TensorFlow's BFC allocator where
+no GPU is visible); ``--cpu_allocator default`` measures with TensorFlow's default.
 
 ``--partial_channels K`` (K > 1) runs PC-DARTS: 1/K of the channels through the ops,
 with edge normalisation (on the fused cells too, as every remedy).
@@ -98,6 +100,7 @@ def measure(
     partial_channels: int,
     graph: str = "short",
     threads: tuple[int, int] = (-1, -1),
+    cpu_allocator: str = "auto",
 ) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
@@ -105,7 +108,9 @@ def measure(
 
     from keras_das.runs import distribution
 
-    threads = distribution.set_threads(*threads)  # as the binaries do, before any op
+    # As the binaries do, before any op.
+    allocator = distribution.set_cpu_allocator(cpu_allocator)
+    threads = distribution.set_threads(*threads)
 
     tf.constant(1.0) + 1.0
     runtime_gb = _rss_gb()
@@ -173,6 +178,7 @@ def measure(
         "first_step_s": trace_s,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "runtime_gb": runtime_gb,
+        "cpu_allocator": allocator,
         "inter_op_threads": threads[0],
         "intra_op_threads": threads[1],
     }
@@ -237,6 +243,8 @@ def run_ours(args, size: str, mode: str, k: int, onednn: str) -> dict | None:
         str(args.inter_op_threads),
         "--intra_op_threads",
         str(args.intra_op_threads),
+        "--cpu_allocator",
+        args.cpu_allocator,
     ]
     return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env))
 
@@ -288,6 +296,13 @@ def main():
             help="TensorFlow's thread pool: -1 the binaries' choice (distribution.set_threads),"
             " 0 TensorFlow's, N > 0 N threads",
         )
+    parser.add_argument(
+        "--cpu_allocator",
+        default="auto",
+        choices=("auto", "bfc", "default"),
+        help="TensorFlow's CPU allocator: auto the binaries' choice "
+        "(distribution.set_cpu_allocator), bfc, or TensorFlow's default",
+    )
     parser.add_argument("--peer_python", help="a Python with PyTorch, to time official DARTS")
     parser.add_argument("--peer_dir", help="the official DARTS code (its cnn/ folder)")
     parser.add_argument(
@@ -312,13 +327,17 @@ def main():
                     int(k),
                     args.graph_options,
                     (args.inter_op_threads, args.intra_op_threads),
+                    args.cpu_allocator,
                 )
             )
         )
         return
     if bool(args.peer_python) != bool(args.peer_dir):
         parser.error("--peer_python and --peer_dir go together")
-    print(f"# {cpu_description()}; {args.steps} timed steps after {args.warmup} (medians)")
+    print(
+        f"# {cpu_description()}; {args.steps} timed steps after {args.warmup} (medians); "
+        f"CPU allocator {args.cpu_allocator}"
+    )
     header = (
         f"{'size':4} {'K':>2} {'oneDNN':6} {'cells':8} {'kernels':9} {'threads':7} {'mode':13}"
         f" {'s/step':>7}"

@@ -31,6 +31,45 @@ def test_thread_choice(cpus, gpus, asked, chosen, monkeypatch):
     assert distribution.chosen_threads(*asked) == chosen
 
 
+@pytest.mark.parametrize(
+    "gpus,asked,chosen",
+    [(0, "auto", "bfc"), (1, "auto", "default"), (1, "bfc", "bfc"), (0, "default", "default")],
+)
+def test_cpu_allocator_choice(gpus, asked, chosen, monkeypatch):
+    monkeypatch.setattr(distribution, "_gpus", lambda: ["GPU"] * gpus)
+    assert distribution.chosen_cpu_allocator(asked) == chosen
+
+
+def test_bad_cpu_allocator_names_the_field_and_the_choices():
+    config = ml_collections.ConfigDict(distribution.default_config().to_dict(), type_safe=False)
+    config.cpu_allocator = "tcmalloc"
+    with pytest.raises(
+        ValueError,
+        match=r"config.distribution.cpu_allocator: expected one of "
+        r"\['auto', 'bfc', 'default'\], got 'tcmalloc'",
+    ):
+        distribution.check_config(config)
+
+
+def test_a_cpu_allocator_the_user_set_stays(monkeypatch):
+    monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "false")
+    monkeypatch.delenv("TF_CPU_BFC_MEM_LIMIT_IN_MB", raising=False)
+    distribution.set_cpu_allocator("bfc")
+    assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
+    assert "TF_CPU_BFC_MEM_LIMIT_IN_MB" not in os.environ
+
+
+def test_an_allocator_that_comes_too_late_is_reported_not_fatal(monkeypatch, caplog):
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0  # this process's TensorFlow is running
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    with caplog.at_level("WARNING"):
+        assert distribution.set_cpu_allocator("bfc") == "bfc"
+    assert "TF_CPU_ALLOCATOR_USE_BFC" not in os.environ
+    assert "cpu_allocator: bfc not applied" in caplog.text
+
+
 @pytest.mark.parametrize("bad", [-2, 1.5, True, "2", None])
 def test_bad_thread_counts_name_the_field_and_the_choices(bad):
     # A section a config file writes itself (the defaults' fields are type-locked).
@@ -56,25 +95,34 @@ config.distribution.intra_op_threads = int(sys.argv[2])
 logging.basicConfig(level=logging.INFO)
 experiment.Experiment.start(config, tempfile.mkdtemp())
 tf.constant(1.0) + 1.0
-print(tf.config.threading.get_inter_op_parallelism_threads(),
+try:  # only TensorFlow's BFC allocator counts the bytes it hands out
+    allocator = "bfc" if tf.config.experimental.get_memory_info("CPU:0")["peak"] else "default"
+except ValueError:  # "Allocator stats not available"
+    allocator = "default"
+print(allocator, tf.config.threading.get_inter_op_parallelism_threads(),
       tf.config.threading.get_intra_op_parallelism_threads())
 """
 
 
 @pytest.mark.parametrize("asked", [(3, 2), (-1, -1)])
-def test_the_binaries_size_the_pools_before_tensorflow_starts(asked):
+def test_the_binaries_size_the_pools_and_choose_the_allocator_before_tensorflow_starts(asked):
     # A fresh process, as a binary: the sizes hold, without a warning that TensorFlow was
     # initialised first (the binaries' imports, config and our choice must run no op).
     result = subprocess.run(
         [sys.executable, "-c", _START, *map(str, asked)],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TF_CPU_")},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    inter, intra = result.stdout.split()[-2:]
+    allocator, inter, intra = result.stdout.split()[-3:]
     assert "not applied" not in result.stderr
+    # The CPU allocator too: TensorFlow's BFC allocator where no GPU is visible.
+    expected = "default" if distribution._gpus() else "bfc"
+    assert allocator == expected
+    assert f"CPU allocator: {expected}" in result.stderr
     assert f"TensorFlow threads: inter_op {inter}, intra_op {intra}" in result.stderr
     if asked != (-1, -1):
         assert (int(inter), int(intra)) == asked
