@@ -240,10 +240,11 @@ def _physical_memory_mb() -> int | None:
 
 
 def _runtime_started() -> bool:
-    """Whether TensorFlow's eager runtime (and with it its CPU allocator) exists yet."""
+    """Whether TensorFlow's eager runtime (and with it its CPU allocator) exists yet
+    (False where this TensorFlow does not say: setting the variable is harmless then)."""
     from tensorflow.python.eager import context
 
-    return context.context()._context_handle is not None
+    return getattr(context.context(), "_context_handle", None) is not None
 
 
 def split_cpu(count: int) -> None:
