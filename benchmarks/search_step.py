@@ -8,7 +8,10 @@ Modes: the weights-only step, the first-order search step (architecture step + w
 step), the second-order one and the exact one. Each (size, mode, kernel path) runs in its
 own process so that its peak resident memory (ru_maxrss) is its own; "first step s" is the
 wall time of the first step (tracing, graph optimisation and one step), paid by every run
-and resume.
+and resume; "trace" is its tracing part, "sys" the kernel's CPU time in the first call,
+mostly faulting in and zeroing the fresh memory the step touches for the first time: a
+property of the machine (~24 us per 4 KB page in the 2-core VM of benchmarks/README.md,
+where it is most of the gap between the first step and the later ones).
 
 Kernel paths (``--onednn``): ``0`` runs with ``TF_ENABLE_ONEDNN_OPTS=0`` (TensorFlow's
 portable CPU kernels: what AVX2 laptops, Apple Silicon and ARM servers get), ``1`` with
@@ -155,8 +158,12 @@ def measure(
     else:
         step = tf.function(lambda t, v: search.train_step((t, v)), autograph=False)
     start = time.perf_counter()
-    step(train, val)
-    trace_s = time.perf_counter() - start
+    step.get_concrete_function(train, val)  # tracing alone
+    traced = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step(train, val)  # graph optimisation, set-up and the step
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    first_s, trace_s = time.perf_counter() - start, traced - start
     for _ in range(warmup - 1):
         step(train, val)
     times = []
@@ -175,7 +182,12 @@ def measure(
         "graph_options": graph,
         "s_per_step": median,
         "images_per_s": batch / median,
-        "first_step_s": trace_s,
+        "first_step_s": first_s,
+        "trace_s": trace_s,
+        # Kernel time of the first call: mostly the first touch of the step's memory (the
+        # kernel zeroes each fresh page), which later steps reuse.
+        "first_call_sys_s": after.ru_stime - before.ru_stime,
+        "first_call_page_faults": after.ru_minflt - before.ru_minflt,
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "runtime_gb": runtime_gb,
         "cpu_allocator": allocator,
@@ -341,7 +353,8 @@ def main():
     header = (
         f"{'size':4} {'K':>2} {'oneDNN':6} {'cells':8} {'kernels':9} {'threads':7} {'mode':13}"
         f" {'s/step':>7}"
-        f" {'img/s':>6} {'peak GB':>7} {'1st step s':>10} | {'peer s':>7} {'peer GB':>7}"
+        f" {'img/s':>6} {'peak GB':>7} {'1st step s':>10} {'trace':>5} {'sys':>5}"
+        f" | {'peer s':>7} {'peer GB':>7}"
         f" {'time x':>6} {'mem x':>5}"
     )
     print(header)
@@ -364,7 +377,7 @@ def main():
             print(f"{size:4} {k:2} {onednn:6} {'':8} {'':9} {'':7} {mode:13} FAILED", flush=True)
             continue
         row = dict(next(r for r in ours if r), onednn=onednn)
-        for key in ("s_per_step", "peak_gb", "first_step_s"):
+        for key in ("s_per_step", "peak_gb", "first_step_s", "trace_s", "first_call_sys_s"):
             row[key] = _median(ours, key)
         row["images_per_s"] = SIZES[size]["batch"] / row["s_per_step"]
         row["peer_s_per_step"] = _median(peer, "median_s")
@@ -374,7 +387,8 @@ def main():
             f"{size:4} {k:2} {onednn:6} {row['implementation']:8} {row['kernels']:9}"
             f" {row['inter_op_threads']:>3}/{row['intra_op_threads']:<3} {mode:13}"
             f" {row['s_per_step']:7.2f} {row['images_per_s']:6.1f} {row['peak_gb']:7.2f}"
-            f" {row['first_step_s']:10.1f} | {row['peer_s_per_step']:7.2f}"
+            f" {row['first_step_s']:10.1f} {row['trace_s']:5.1f} {row['first_call_sys_s']:5.1f}"
+            f" | {row['peer_s_per_step']:7.2f}"
             f" {row['peer_peak_gb']:7.2f} {row['s_per_step'] / row['peer_s_per_step']:6.2f}"
             f" {row['peak_gb'] / row['peer_peak_gb']:5.2f}",
             flush=True,

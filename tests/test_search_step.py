@@ -31,6 +31,9 @@ def test_search_step_benchmark_measures_a_row():
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["graph_options"] == "short" and row["implementation"] == "fused"
     assert row["s_per_step"] > 0 and row["first_step_s"] >= row["s_per_step"]
+    # The first step taken apart: tracing, then the first call (its kernel time apart).
+    assert 0 < row["trace_s"] < row["first_step_s"]
+    assert row["first_call_sys_s"] >= 0 and row["first_call_page_faults"] > 0
 
 
 def test_peer_runs_with_the_processors_we_may_use(monkeypatch):
