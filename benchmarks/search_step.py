@@ -46,6 +46,7 @@ with edge normalisation (on the fused cells too, as every remedy).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -104,6 +105,7 @@ def measure(
     graph: str = "short",
     threads: tuple[int, int] = (-1, -1),
     cpu_allocator: str = "auto",
+    op_profile: bool = False,
 ) -> dict:
     """Runs in the child process: builds the supernet and times ``steps`` steps."""
     import numpy as np
@@ -173,6 +175,7 @@ def measure(
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    profile = _op_profile(step, train, val) if op_profile else None
     return {
         "size": size,
         "mode": mode,
@@ -193,7 +196,63 @@ def measure(
         "cpu_allocator": allocator,
         "inter_op_threads": threads[0],
         "intra_op_threads": threads[1],
+        "op_profile": profile,
     }
+
+
+# Op families of a search step, by a substring of TensorFlow's op type (first match wins).
+_FAMILIES = (
+    ("depthwise", "depthwise convolutions"),
+    ("conv2d", "dense convolutions"),
+    ("matmul", "matmuls"),  # with portable kernels, the grouped 1x1 convolutions
+    ("batchnorm", "batch norm"),
+    ("maxpool", "max pool"),
+    ("avgpool", "average pool"),
+    ("spacetobatch", "dilation (space/batch)"),
+    ("batchtospace", "dilation (space/batch)"),
+)
+
+
+def op_family(op: str) -> str:
+    """The family of TensorFlow op type ``op`` (forward and gradients together)."""
+    lowered = op.lower()
+    return next((family for key, family in _FAMILIES if key in lowered), "other")
+
+
+def _op_profile(step, *inputs) -> dict[str, float]:
+    """Seconds per op type in one more step, from TensorFlow's profiler (each op's own
+    time, summed over the threads that ran ops at once; tracing slows the step a little)."""
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as logdir:
+        options = tf.profiler.experimental.ProfilerOptions(
+            host_tracer_level=2, python_tracer_level=0, device_tracer_level=0
+        )
+        tf.profiler.experimental.start(logdir, options=options)
+        try:
+            step(*inputs)
+        finally:
+            tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    seconds = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                # An op's event reads "node name:OpType", the runtime's own "A::B"; a
+                # function call's op type is the function ("__inference_..."), whose
+                # events hold its ops' (not counted twice).
+                name = plane.event_metadata[event.metadata_id].name
+                op = name.rsplit(":", 1)[-1].strip()
+                if ":" in name and "::" not in name and not op.startswith("__"):
+                    seconds[op] += event.duration_ps / 1e12
+    return dict(seconds.most_common())
 
 
 def _last_json(result: subprocess.CompletedProcess) -> dict | None:
@@ -257,13 +316,37 @@ def run_ours(args, size: str, mode: str, k: int, onednn: str) -> dict | None:
         str(args.intra_op_threads),
         "--cpu_allocator",
         args.cpu_allocator,
-    ]
+    ] + (["--op_profile"] if args.op_profile else [])
     return _last_json(subprocess.run(cmd, capture_output=True, text=True, env=env))
 
 
 def _median(rows, key):
     values = [r[key] for r in rows if r]
     return statistics.median(values) if values else float("nan")
+
+
+def print_op_profiles(rows: list[dict], top: int = 8) -> None:
+    """Each row's profiled step: seconds and share per op family, then its top op types."""
+    for row in rows:
+        profile = row.get("op_profile")
+        if not profile:
+            continue
+        total = sum(profile.values())
+        families = collections.Counter()
+        for op, seconds in profile.items():
+            families[op_family(op)] += seconds
+        print(
+            f"\n{row['size']} {row['mode']}, oneDNN {row['onednn']} ({row['kernels']}):"
+            f" {total:.2f} s of op time in the profiled step"
+        )
+        for family, seconds in families.most_common():
+            print(f"  {family:24} {seconds:7.2f} s {100 * seconds / total:5.1f}%")
+        print(
+            "  top op types: "
+            + ", ".join(
+                f"{op} {100 * seconds / total:.1f}%" for op, seconds in list(profile.items())[:top]
+            )
+        )
 
 
 def main():
@@ -323,6 +406,11 @@ def main():
     parser.add_argument(
         "--rounds", type=int, default=1, help="peer/ours alternations per row (medians)"
     )
+    parser.add_argument(
+        "--op_profile",
+        action="store_true",
+        help="after the timed steps, profile one more step: time per op family and op type",
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -340,6 +428,7 @@ def main():
                     args.graph_options,
                     (args.inter_op_threads, args.intra_op_threads),
                     args.cpu_allocator,
+                    args.op_profile,
                 )
             )
         )
@@ -393,6 +482,8 @@ def main():
             f" {row['peak_gb'] / row['peer_peak_gb']:5.2f}",
             flush=True,
         )
+    if args.op_profile:
+        print_op_profiles(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_description(), "rows": rows}, f, indent=2)
