@@ -10,8 +10,8 @@ own process so that its peak resident memory (ru_maxrss) is its own; "first step
 wall time of the first step (tracing, graph optimisation and one step), paid by every run
 and resume; "trace" is its tracing part, "sys" the kernel's CPU time in the first call,
 mostly faulting in and zeroing the fresh memory the step touches for the first time: a
-property of the machine (~24 us per 4 KB page in the 2-core VM of benchmarks/README.md,
-where it is most of the gap between the first step and the later ones).
+property of the machine (17-21 us per 4 KB page in one VM of benchmarks/README.md, where it
+is most of the gap between the first step and the later ones, ~7 us in another).
 
 Kernel paths (``--onednn``): ``0`` runs with ``TF_ENABLE_ONEDNN_OPTS=0`` (TensorFlow's
 portable CPU kernels: what AVX2 laptops, Apple Silicon and ARM servers get), ``1`` with
@@ -30,6 +30,7 @@ TensorFlow does.
         --peer_python ../torchvenv/bin/python --peer_dir ../shared/peers/quark0-darts
     python benchmarks/search_step.py --implementation per_edge   # the per-edge cells
     python benchmarks/search_step.py --sizes D --partial_channels 1 4  # PC-DARTS K=1 vs 4
+    python benchmarks/search_step.py --sizes D --modes first_order --op_profile  # by op type
 
 Graph optimisation is the binaries' (``keras_das.runs.graph_options``: one Grappler round,
 no memory or layout optimizer on CPU-only hosts); ``--graph_options default`` measures with
