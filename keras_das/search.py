@@ -7,6 +7,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from keras_das.runs import distribution
 from keras_das.runs import search_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Search configuration.", lock_config=True)
@@ -16,6 +17,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints g
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
+    # First, as it may start the process again with other TensorFlow kernels.
+    distribution.use_cpu_kernels(_CONFIG.value.distribution)
     search_lib.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -36,6 +36,7 @@ DISTRIBUTION = {
     "inter_op_threads": -1,
     "intra_op_threads": -1,
     "cpu_allocator": "auto",
+    "cpu_kernels": "auto",
 }
 # Every remedy off, each with its published setting for when it is switched on; by default
 # run the gap report (a measurement, not a change to the search) and DARTS-PT's selection

@@ -70,6 +70,81 @@ def test_an_allocator_that_comes_too_late_is_reported_not_fatal(monkeypatch, cap
     assert "cpu_allocator: bfc not applied" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "x86,gpus,env,onednn_now,asked,chosen",
+    [
+        (True, 0, None, False, "auto", "onednn"),  # an AVX2 x86 CPU: oneDNN's kernels
+        (True, 0, None, True, "auto", "onednn"),  # AVX-512 VNNI: TensorFlow's default
+        (True, 0, "0", False, "auto", "portable"),  # the user's variable decides
+        (True, 0, "1", True, "auto", "onednn"),
+        (True, 1, None, False, "auto", "portable"),  # a GPU host: TensorFlow's choice
+        (False, 0, None, False, "auto", "portable"),  # ARM: TensorFlow's choice
+        (False, 0, None, True, "auto", "onednn"),
+        (True, 0, "1", True, "portable", "portable"),  # the config's field is obeyed
+        (False, 0, None, False, "onednn", "onednn"),
+    ],
+)
+def test_cpu_kernels_choice(x86, gpus, env, onednn_now, asked, chosen, monkeypatch):
+    monkeypatch.setattr(distribution, "_x86", lambda: x86)
+    monkeypatch.setattr(distribution, "_gpus", lambda: ["GPU"] * gpus)
+    monkeypatch.setattr(distribution, "onednn_enabled", lambda: onednn_now)
+    if env is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", env)
+    assert distribution.chosen_cpu_kernels(asked) == chosen
+
+
+def _kernels_section(name):
+    config = ml_collections.ConfigDict(distribution.default_config().to_dict(), type_safe=False)
+    config.cpu_kernels = name
+    return config
+
+
+def test_a_binary_starts_again_with_the_chosen_kernels(monkeypatch):
+    monkeypatch.setattr(distribution, "_x86", lambda: True)
+    monkeypatch.setattr(distribution, "_gpus", lambda: [])
+    monkeypatch.setattr(distribution, "onednn_enabled", lambda: False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "keras_das.search", "--workdir=/w"])
+    calls = []
+    chosen = distribution.use_cpu_kernels(
+        _kernels_section("auto"), execve=lambda *call: calls.append(call)
+    )
+    assert chosen == "onednn"
+    ((path, argv, env),) = calls
+    assert path == sys.executable
+    assert argv == [sys.executable, "-m", "keras_das.search", "--workdir=/w"]
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ  # this process's own is unchanged
+
+
+def test_kernels_already_running_or_refused_start_nothing(monkeypatch, caplog):
+    def fail(*call):
+        raise AssertionError(f"started again: {call}")
+
+    monkeypatch.setattr(distribution, "onednn_enabled", lambda: False)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert distribution.use_cpu_kernels(_kernels_section("portable"), execve=fail) == "portable"
+    # Started again with the variable, and TensorFlow still runs its portable kernels (a
+    # build without oneDNN): no second start, a warning.
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    with caplog.at_level("WARNING"):
+        assert distribution.use_cpu_kernels(_kernels_section("onednn"), execve=fail) == "portable"
+    assert "cpu_kernels: onednn not applied" in caplog.text
+
+
+def test_bad_cpu_kernels_name_the_field_and_the_choices():
+    with pytest.raises(
+        ValueError,
+        match=r"config.distribution.cpu_kernels: expected one of "
+        r"\['auto', 'onednn', 'portable'\], got 'mkl'",
+    ):
+        distribution.use_cpu_kernels(_kernels_section("mkl"), execve=None)
+    with pytest.raises(ValueError, match=r"distribution.cpu_kernels"):
+        distribution.check_config(_kernels_section("mkl"))
+
+
 @pytest.mark.parametrize("bad", [-2, 1.5, True, "2", None])
 def test_bad_thread_counts_name_the_field_and_the_choices(bad):
     # A section a config file writes itself (the defaults' fields are type-locked).
@@ -138,3 +213,35 @@ def test_sizes_that_come_too_late_are_reported_not_fatal(caplog):
     assert chosen == (0, current + 5)
     assert tf.config.threading.get_intra_op_parallelism_threads() == current
     assert f"intra_op_threads: {current + 5} not applied" in caplog.text
+
+
+def test_the_search_binary_runs_the_chosen_kernels(tmp_path, monkeypatch):
+    """The README's command with no TF_ENABLE_ONEDNN_OPTS: on an x86 host without a GPU the
+    search runs oneDNN's kernels, starting again with the variable where TensorFlow's
+    default is its portable ones (AVX2 CPUs)."""
+    from tests.binaries import run_binary
+
+    if not distribution._x86() or distribution._gpus():
+        pytest.skip("keras_das keeps TensorFlow's choice of kernels on this host")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    default = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()[-1]
+    workdir = tmp_path / "search"
+    result = run_binary(
+        "keras_das.search",
+        "--config=configs/cifar.py:smoke",
+        "--config.epochs=1",
+        f"--workdir={workdir}",
+    )
+    assert "CPU kernels: onednn" in result.stderr, result.stderr[-3000:]
+    started_again = "starting again with TF_ENABLE_ONEDNN_OPTS=1" in result.stderr
+    assert started_again == (default == "False"), result.stderr[-3000:]
+    assert (workdir / "genotype.json").exists()
