@@ -20,7 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints g
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
-    # First, as it may start the process again with other TensorFlow kernels.
+    train_lib.validate_config(_CONFIG.value)  # a bad config fails first
+    # Before any work: it may start the process again with other TensorFlow kernels.
     distribution.use_cpu_kernels(_CONFIG.value.distribution)
     train_lib.run(_CONFIG.value, _WORKDIR.value)
 

@@ -238,7 +238,10 @@ def test_the_search_binary_runs_the_chosen_kernels(tmp_path, monkeypatch):
     result = run_binary(
         "keras_das.search",
         "--config=configs/cifar.py:smoke",
-        "--config.epochs=1",
+        "--config.epochs=1",  # a tiny search: the choice and the start are what is tested
+        "--config.data.num_examples=128",
+        "--config.model.num_cells=3",
+        "--config.model.channels=4",
         f"--workdir={workdir}",
     )
     assert "CPU kernels: onednn" in result.stderr, result.stderr[-3000:]
