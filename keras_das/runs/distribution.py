@@ -315,6 +315,10 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def _running_kernels() -> str:
+    return "onednn" if onednn_enabled() else "portable"
+
+
 def _x86() -> bool:
     from tensorflow.python.util import _pywrap_util_port
 
@@ -337,7 +341,7 @@ def chosen_cpu_kernels(name: str = "auto") -> str:
     if name != "auto":
         return name
     if _ONEDNN in os.environ or not _x86() or _gpus():
-        return "onednn" if onednn_enabled() else "portable"
+        return _running_kernels()
     return "onednn"
 
 
@@ -351,17 +355,16 @@ def use_cpu_kernels(distribution_config, execve=os.execve) -> str:
     variable (a build without oneDNN), the run goes on with the kernels it has and a
     warning says so. API users set the variable before they import TensorFlow.
     """
-    config_fields.check_field(
+    name = config_fields.check_field(
         "distribution.cpu_kernels",
         check_cpu_kernels,
         distribution_config.get("cpu_kernels", "auto"),
     )
-    chosen = chosen_cpu_kernels(distribution_config.get("cpu_kernels", "auto"))
-    current = "onednn" if onednn_enabled() else "portable"
-    wanted = "1" if chosen == "onednn" else "0"
+    chosen, current = chosen_cpu_kernels(name), _running_kernels()
     if chosen == current:
         logging.info("CPU kernels: %s", chosen)
         return chosen
+    wanted = "1" if chosen == "onednn" else "0"
     if os.environ.get(_ONEDNN) == wanted or os.name != "posix":
         logging.warning(
             "distribution.cpu_kernels: %s not applied, TensorFlow runs its %s kernels (%s=%s)",
