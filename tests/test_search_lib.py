@@ -131,14 +131,15 @@ def test_search_binary_smoke_preset(tmp_path):
 @pytest.mark.e2e
 @needs_cifar10
 def test_search_binary_on_real_cifar10(tmp_path):
-    """The cifar_smoke preset, on fewer images and epochs (the README's main command runs
-    the whole smoke preset in the test above; this one is about the TFDS path)."""
+    """The cifar_smoke preset on a tiny supernet, fewer images and epochs (the README's main
+    command runs the whole smoke preset's supernet in the test above; this one is about the
+    TFDS path, DARTS-PT's selection and the gap report on real images)."""
     workdir = str(tmp_path / "search")
     run_binary(
         "keras_das.search",
         "--config=configs/cifar.py:cifar_smoke",
         f"--workdir={workdir}",
-        "--config.data.num_examples=256",
+        *TINY,
         "--config.epochs=2",
         "--config.remedies.perturbation.batches=1",  # DARTS-PT, on fewer batches
     )

@@ -66,18 +66,26 @@ class FusedBatchNorm(layers.BatchNormalization):
         channels = inputs.shape[-1]
         if scale is None:
             scale = np.ones((channels,), inputs.dtype.as_numpy_dtype)
-        if twice_differentiated() and primitives.batch_norm_statistics_discarded():
-            return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
-        outputs, mean, variance = _kernel(inputs, scale, self.epsilon)[:3]
         if primitives.batch_norm_statistics_discarded():
-            return outputs
-        # The kernel returns the unbiased variance (for PyTorch-style running statistics);
-        # BatchNormalization averages the biased one.
+            if twice_differentiated():
+                return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
+            return _kernel(inputs, scale, self.epsilon)[0]
+        # The kernel updates the moving statistics itself (its exponential average), in the
+        # op: some ten fewer graph ops per call than the update written out, a tenth of a
+        # search step's graph. It averages the unbiased batch variance (PyTorch's running
+        # statistics); BatchNormalization averages the biased one, v * (n - 1) / n, so with
+        # f = 1 - momentum the variance's update is taken back to
+        # (1 - f) old + f v (n - 1) / n = new (n - 1) / n + old (1 - f) / n.
+        moving_mean, moving_variance = self.moving_mean.value, self.moving_variance.value
+        factor = 1.0 - self.momentum
+        outputs, mean, variance = _kernel(
+            inputs, scale, self.epsilon, moving_mean, moving_variance, factor
+        )[:3]
         n = _count(inputs)
-        variance = variance * (n - 1.0) / n
-        momentum = self.momentum
-        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            moving.assign(moving.value * momentum + batch * (1.0 - momentum))
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(
+            variance * ((n - 1.0) / n) + moving_variance * (self.momentum / n)
+        )
         return outputs
 
 
@@ -105,22 +113,26 @@ def twice_differentiated() -> bool:
 _AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
 
 
-def _kernel(x, scale, epsilon):
+def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.0):
     """The fused kernel in training mode: outputs, batch mean, unbiased batch variance and
-    the three reserve spaces its gradient op reads.
+    the three reserve spaces its gradient op reads. Given the moving statistics and a
+    ``factor`` below 1, the mean and variance it returns are the moving ones updated,
+    ``(1 - factor) * moving + factor * batch`` (the reserve spaces stay the batch's).
 
     The op directly, with NumPy constants: ``tf.ones``/``tf.zeros`` and ``tf.nn``'s wrapper
     were about a quarter of a call's graph ops (Python tracing pays per op, constants
     included)."""
     channels, dtype = x.shape[-1], x.dtype.as_numpy_dtype
+    if moving_mean is None:
+        moving_mean = moving_variance = np.zeros((0,), dtype)
     return tf.raw_ops.FusedBatchNormV3(
         x=x,
         scale=scale,
         offset=np.zeros((channels,), dtype),
-        mean=np.zeros((0,), dtype),
-        variance=np.zeros((0,), dtype),
+        mean=moving_mean,
+        variance=moving_variance,
         epsilon=epsilon,
-        exponential_avg_factor=1.0,
+        exponential_avg_factor=factor,
         data_format="NHWC",
         is_training=True,
     )
