@@ -128,6 +128,25 @@ def test_weight_step_follows_darts_coupled_decay_and_global_clip():
         np.testing.assert_array_equal(a, v.numpy())
 
 
+def test_clip_and_decay_of_sparse_and_dense_gradients():
+    """An embedding's gradient (IndexedSlices) counts in the global norm and is clipped as
+    the dense one is; without decay it stays sparse, for the optimizer's sparse update."""
+    from keras_das.engine import updates
+
+    table = keras.Variable(np.arange(12.0, dtype="float32").reshape(4, 3))
+    dense = keras.Variable(np.ones(3, "float32"))
+    rows = tf.constant([[1.0, 2.0, 2.0], [0.0, 0.0, 4.0]])
+    sparse = tf.IndexedSlices(rows, tf.constant([3, 0]), tf.constant([4, 3]))
+    g_dense = tf.constant([3.0, 0.0, 4.0])
+    norm = np.sqrt((1 + 4 + 4) + 16 + (9 + 16))  # every entry of both gradients
+    optimizer = keras.optimizers.SGD(1.0)
+    updates.apply_gradients(optimizer, [sparse, g_dense], [table, dense], grad_clip=2.0)
+    expected = np.arange(12.0).reshape(4, 3)
+    expected[[3, 0]] -= rows.numpy() * 2.0 / norm
+    np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(dense.numpy(), 1.0 - g_dense.numpy() * 2.0 / norm, rtol=1e-6)
+
+
 def test_compile_rejects_what_would_silently_differ_from_darts():
     model, _ = _identity_or_conv_model()
     search = keras_das.SearchModel(model)

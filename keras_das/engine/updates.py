@@ -49,17 +49,35 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
     """
     if not reduced:
         grads = all_reduce_sum(grads)
-    if grad_clip is not None:
-        present = [g for g in grads if g is not None]
-        clipped = iter(tf.clip_by_global_norm(present, grad_clip)[0])
-        grads = [None if g is None else next(clipped) for g in grads]
-    pairs = [(g + weight_decay * v, v) for g, v in zip(grads, variables) if g is not None]
+    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+    if grad_clip is not None:
+        scale = _clip_scale(grads, grad_clip)
+        grads = [_scaled(g, scale) for g in grads]
+    if weight_decay:
+        # One constant per dtype: a Python number would be a graph constant per variable
+        # (some 500 at size D, each paid for in tracing).
+        decay = {v.dtype: tf.constant(weight_decay, v.dtype) for v in variables}
+        grads = [g + decay[v.dtype] * tf.cast(v.value, g.dtype) for g, v in zip(grads, variables)]
     if not _fused_sgd_step(optimizer, grads, variables):
         # Keras optimizers sum gradients over replicas themselves in a replica context;
         # ours are summed already, so hand each replica its share.
         replicas = num_replicas()
         optimizer.apply([g / replicas if replicas > 1 else g for g in grads], variables)
+
+
+def _clip_scale(grads, clip_norm):
+    """What ``tf.clip_by_global_norm`` multiplies ``grads`` by (``min(1, clip / norm)``,
+    NaN where the norm is not finite), without its identity op per gradient."""
+    norm = tf.linalg.global_norm(grads)
+    scale = clip_norm * tf.minimum(1.0 / norm, tf.constant(1.0, norm.dtype) / clip_norm)
+    return scale + (norm - norm)  # NaN (not 0 or clip) for a NaN or infinite norm
+
+
+def _scaled(g, scale):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(_scaled(g.values, scale), g.indices, g.dense_shape)
+    return g * tf.cast(scale, g.dtype)
 
 
 def _fused_sgd_step(optimizer, grads, variables) -> bool:

@@ -31,17 +31,17 @@ from keras_das.space import primitives
 class FusedBatchNorm(layers.BatchNormalization):
     """``BatchNormalization`` (no affine) that can scale its output and trains faster.
 
-    In training mode, for float32 channels-last inputs and unless ``synchronized`` over
-    several replicas, it runs TensorFlow's fused batch-norm kernel (one op forward and one
-    backward instead of some ten element-wise ones each; exact second derivatives) and
-    updates the moving statistics as ``BatchNormalization`` does, with the biased batch
+    For float32 channels-last inputs it runs TensorFlow's fused batch-norm kernel: in
+    training mode (unless ``synchronized`` over several replicas) one op forward and one
+    backward instead of some ten element-wise ones each, exact second derivatives, and the
+    moving statistics updated as ``BatchNormalization`` updates them, with the biased batch
     variance (not at all inside
     ``keras_das.space.primitives.discarding_batch_norm_statistics()``, where the caller
-    throws the updates away). Otherwise (inference, synchronised statistics under a
-    strategy, other dtypes such as ``mixed_bfloat16``'s bfloat16 inputs) it is
-    ``BatchNormalization``, which computes the statistics in float32 under a mixed policy.
-    The fused kernel measured faster than ``BatchNormalization`` for a whole normal cell's
-    forward and backward pass (see ``benchmarks/README.md``).
+    throws the updates away); in inference, one op with the moving statistics. Otherwise
+    (synchronised statistics under a strategy, other dtypes such as ``mixed_bfloat16``'s
+    bfloat16 inputs) it is ``BatchNormalization``, which computes the statistics in float32
+    under a mixed policy. The fused kernel measured faster than ``BatchNormalization`` for a
+    whole normal cell's forward and backward pass (see ``benchmarks/README.md``).
 
     Call with ``scale`` (``[channels]``) to multiply the output per channel: the fused
     kernel does it in its own pass, so the mixing weights cost no op of their own (also
@@ -50,17 +50,30 @@ class FusedBatchNorm(layers.BatchNormalization):
 
     def call(self, inputs, training=None, scale=None):
         if (
-            training
-            and self.trainable
-            and not (self.synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1)
-            and not (self.center or self.scale or self.renorm)
+            not (self.center or self.scale or self.renorm)
             and self.axis in (-1, len(inputs.shape) - 1)
             and len(inputs.shape) == 4
             and inputs.dtype == "float32"
         ):
-            return self._fused_training_call(inputs, scale)
+            if not (training and self.trainable):  # as BatchNormalization decides
+                return self._fused_inference_call(inputs, scale)
+            if not (self.synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1):
+                return self._fused_training_call(inputs, scale)
         outputs = super().call(inputs, training=training)
         return outputs if scale is None else outputs * ops.cast(scale, outputs.dtype)
+
+    def _fused_inference_call(self, inputs, scale):
+        channels, dtype = inputs.shape[-1], inputs.dtype.as_numpy_dtype
+        return tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=np.ones((channels,), dtype) if scale is None else scale,
+            offset=np.zeros((channels,), dtype),
+            mean=self.moving_mean.value,
+            variance=self.moving_variance.value,
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=False,
+        )[0]
 
     def _fused_training_call(self, inputs, scale):
         channels = inputs.shape[-1]
