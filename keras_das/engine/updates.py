@@ -57,7 +57,7 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
     if weight_decay:
         # One constant per dtype: a Python number would be a graph constant per variable
         # (some 500 at size D, each paid for in tracing).
-        decay = {v.dtype: tf.constant(weight_decay, v.dtype) for v in variables}
+        decay = {dtype: tf.constant(weight_decay, dtype) for dtype in {v.dtype for v in variables}}
         grads = [g + decay[v.dtype] * tf.cast(v.value, g.dtype) for g, v in zip(grads, variables)]
     if not _fused_sgd_step(optimizer, grads, variables):
         # Keras optimizers sum gradients over replicas themselves in a replica context;

@@ -55,30 +55,17 @@ class FusedBatchNorm(layers.BatchNormalization):
             and len(inputs.shape) == 4
             and inputs.dtype == "float32"
         ):
+            ones = np.ones((inputs.shape[-1],), inputs.dtype.as_numpy_dtype)
+            kernel_scale = ones if scale is None else scale
             if not (training and self.trainable):  # as BatchNormalization decides
-                return self._fused_inference_call(inputs, scale)
+                moving = (self.moving_mean.value, self.moving_variance.value)
+                return _kernel(inputs, kernel_scale, self.epsilon, *moving, training=False)[0]
             if not (self.synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1):
-                return self._fused_training_call(inputs, scale)
+                return self._fused_training_call(inputs, kernel_scale)
         outputs = super().call(inputs, training=training)
         return outputs if scale is None else outputs * ops.cast(scale, outputs.dtype)
 
-    def _fused_inference_call(self, inputs, scale):
-        channels, dtype = inputs.shape[-1], inputs.dtype.as_numpy_dtype
-        return tf.raw_ops.FusedBatchNormV3(
-            x=inputs,
-            scale=np.ones((channels,), dtype) if scale is None else scale,
-            offset=np.zeros((channels,), dtype),
-            mean=self.moving_mean.value,
-            variance=self.moving_variance.value,
-            epsilon=self.epsilon,
-            data_format="NHWC",
-            is_training=False,
-        )[0]
-
     def _fused_training_call(self, inputs, scale):
-        channels = inputs.shape[-1]
-        if scale is None:
-            scale = np.ones((channels,), inputs.dtype.as_numpy_dtype)
         if primitives.batch_norm_statistics_discarded():
             if twice_differentiated():
                 return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
@@ -126,11 +113,12 @@ def twice_differentiated() -> bool:
 _AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
 
 
-def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.0):
+def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.0, training=True):
     """The fused kernel in training mode: outputs, batch mean, unbiased batch variance and
     the three reserve spaces its gradient op reads. Given the moving statistics and a
     ``factor`` below 1, the mean and variance it returns are the moving ones updated,
-    ``(1 - factor) * moving + factor * batch`` (the reserve spaces stay the batch's).
+    ``(1 - factor) * moving + factor * batch`` (the reserve spaces stay the batch's). With
+    ``training=False``, the outputs normalised with the moving statistics.
 
     The op directly, with NumPy constants: ``tf.ones``/``tf.zeros`` and ``tf.nn``'s wrapper
     were about a quarter of a call's graph ops (Python tracing pays per op, constants
@@ -147,7 +135,7 @@ def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.
         epsilon=epsilon,
         exponential_avg_factor=factor,
         data_format="NHWC",
-        is_training=True,
+        is_training=training,
     )
 
 
