@@ -116,7 +116,7 @@ def _mapped(fused, per_edge, by_id):
 def test_fused_cell_matches_the_per_edge_cell(
     subset, layout, reduction, reduction_prev, monkeypatch
 ):
-    if layout == "tiled":  # the layout of sep and dil convs on more than 16 channels
+    if layout == "tiled":  # the layout of sep and dil convs on more than 8 channels
         monkeypatch.setattr(stacked_ops, "_DENSE_MAX_CHANNELS", 0)
     per_edge, fused, inputs = _cell_pair(reduction, reduction_prev, OP_SUBSETS[subset])
     _assert_cells_agree(per_edge, fused, *inputs)

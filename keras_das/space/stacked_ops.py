@@ -26,7 +26,7 @@ from keras_das.space import primitives
 # Sep and dil convs on at most this many channels per edge compose each edge's depthwise
 # and pointwise kernels into one dense convolution of the un-tiled input; wider ones tile
 # the input and run a depthwise and a grouped 1x1 convolution. See _StackedSeparable.
-_DENSE_MAX_CHANNELS = 16
+_DENSE_MAX_CHANNELS = 8
 
 
 def _compose(depthwise, pointwise, edges):
@@ -84,11 +84,12 @@ class _StackedSeparable(_StackedOp):
     ``E`` times and a grouped 1x1 convolution. Later repeats read ``E * C`` stacked
     channels: a depthwise and a grouped 1x1 convolution.
 
-    Dense measured faster, and lighter in peak memory (no tiled input, no depthwise
-    outputs to keep for the backward pass), at C=8 and C=16 on 32x32 maps, about even at
-    C=16 on 16x16, and tiled clearly faster from C=32 on (the dense kernel's FLOPs grow as
-    ``C^2 k^2`` against ``C k^2 + C^2``): hence the threshold. Composing the later
-    repeats into a grouped ``k x k`` convolution as well measured slower; not kept.
+    Dense is lighter in peak memory (no tiled input, no depthwise outputs to keep for the
+    backward pass) and about even in time at C=8; from C=16 on tiled is faster (the dense
+    kernel's FLOPs grow as ``C^2 k^2`` against ``C k^2 + C^2``): a whole size-D search
+    step ran 9-10% faster with the C=16 cells tiled, with TensorFlow's portable and with
+    oneDNN's kernels alike, for 0.5-0.8 GB more peak memory. Hence the threshold. Composing
+    the later repeats into a grouped ``k x k`` convolution as well measured slower; not kept.
     Figures: ``benchmarks/README.md``. The depthwise then grouped 1x1 layout itself: see
     ``kernels.grouped_pointwise``.
     """
