@@ -4,8 +4,13 @@ The stacked ops of ``keras_das.space.stacked_ops`` end in it: one batch norm ove
 ``E * C`` channels of ``E`` edges (per-channel statistics are the per-edge statistics),
 whose ``scale`` argument applies each edge's mixing weight in the kernel's own pass.
 
+The kernel is the first version of TensorFlow's op (``FusedBatchNorm``, float32 only):
+the tape differentiates it without a zeros constant for each unused output (the mean,
+variance and reserve spaces), which ``FusedBatchNormV3`` (``BatchNormalization``'s) gets,
+five constants and a ``ZerosLike`` per call; the same kernels compute both on CPUs.
+
 Second derivatives: TensorFlow differentiates the kernel's gradient op
-(``FusedBatchNormGradV3``) by re-deriving the gradient in some twenty ops under a nested
+(``FusedBatchNormGrad``) by re-deriving the gradient in some twenty ops under a nested
 tape and differentiating those, about a fifth of the tracing time of the exact
 architect's step. Within ``twice_differentiable()`` the training call's gradient is
 still the kernel's gradient op, but its own gradient is written out (``_normalize_grad``,
@@ -115,7 +120,7 @@ _AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
 
 def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.0, training=True):
     """The fused kernel in training mode: outputs, batch mean, unbiased batch variance and
-    the three reserve spaces its gradient op reads. Given the moving statistics and a
+    the two reserve spaces its gradient op reads. Given the moving statistics and a
     ``factor`` below 1, the mean and variance it returns are the moving ones updated,
     ``(1 - factor) * moving + factor * batch`` (the reserve spaces stay the batch's). With
     ``training=False``, the outputs normalised with the moving statistics.
@@ -126,7 +131,7 @@ def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.
     channels, dtype = x.shape[-1], x.dtype.as_numpy_dtype
     if moving_mean is None:
         moving_mean = moving_variance = np.zeros((0,), dtype)
-    return tf.raw_ops.FusedBatchNormV3(
+    return tf.raw_ops.FusedBatchNorm(
         x=x,
         scale=scale,
         offset=np.zeros((channels,), dtype),
@@ -144,13 +149,12 @@ def _kernel_grad(dy, x, scale, reserves, epsilon):
     TensorFlow's own gradient computes them: with ``xh = (x - mean) * r``, ``r = 1 /
     sqrt(biased variance + epsilon)``, per channel over its ``N`` values,
     ``dx = scale * r * (dy - mean(dy) - xh * mean(dy * xh))`` and ``dscale = sum(dy * xh)``."""
-    return tf.raw_ops.FusedBatchNormGradV3(
+    return tf.raw_ops.FusedBatchNormGrad(
         y_backprop=dy,
         x=x,
         scale=scale,
         reserve_space_1=reserves[0],
         reserve_space_2=reserves[1],
-        reserve_space_3=reserves[2],
         epsilon=epsilon,
         data_format="NHWC",
         is_training=True,

@@ -276,6 +276,12 @@ def _pad(x, p):
     return ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
 
 
+def _split_off(x, size, axis):
+    """``x`` split along ``axis`` (statically sized) into its first ``size`` and the rest:
+    one op, where ``ops.split`` at an index builds ten to turn it into sizes."""
+    return tf.split(x, [size, x.shape[axis] - size], axis=axis)
+
+
 # -- the cell -----------------------------------------------------------------------------
 
 
@@ -402,7 +408,7 @@ class FusedSearchCell(layers.Layer):
             # The first unfinished node has all its inputs now. A split, not slices:
             # the gradient of a slice is a slow scatter (measured several times slower).
             if j < self.steps:
-                node, pending = ops.split(pending, [1], axis=-2)
+                node, pending = _split_off(pending, 1, axis=-2)
             else:
                 node = pending
             states.append(ops.squeeze(node, axis=-2))
@@ -416,7 +422,7 @@ class FusedSearchCell(layers.Layer):
         """
         k, part = self.partial_channels, self.channels // self.partial_channels
         # A split, not slices: the gradient of a slice is a slow scatter.
-        x, rest = ops.split(x, [part], axis=-1)
+        x, rest = _split_off(x, part, axis=-1)
         mix = source(x, mixing_weights, training=training)  # [batch, h, w, E, C / K]
         if source.strides == 2:
             rest = ops.max_pool(rest, 2, 2, padding="same")
