@@ -7,7 +7,9 @@ whose ``scale`` argument applies each edge's mixing weight in the kernel's own p
 The kernel is the first version of TensorFlow's op (``FusedBatchNorm``, float32 only):
 the tape differentiates it without a zeros constant for each unused output (the mean,
 variance and reserve spaces), which ``FusedBatchNormV3`` (``BatchNormalization``'s) gets,
-five constants and a ``ZerosLike`` per call; the same kernels compute both on CPUs.
+five constants and a ``ZerosLike`` per call. The same kernels compute both on CPUs
+(timed alike); on GPUs the first version runs cuDNN without V3's reserve space (not
+measured here).
 
 Second derivatives: TensorFlow differentiates the kernel's gradient op
 (``FusedBatchNormGrad``) by re-deriving the gradient in some twenty ops under a nested

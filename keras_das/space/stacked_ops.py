@@ -88,7 +88,7 @@ class _StackedSeparable(_StackedOp):
     backward pass) and about even in time at C=8; from C=16 on tiled is faster (the dense
     kernel's FLOPs grow as ``C^2 k^2`` against ``C k^2 + C^2``): a whole size-D search
     step ran 9-10% faster with the C=16 cells tiled, with TensorFlow's portable and with
-    oneDNN's kernels alike, for 0.5-0.8 GB more peak memory. Hence the threshold. Composing
+    oneDNN's kernels alike, for 0.3-1.3 GB more peak memory. Hence the threshold. Composing
     the later repeats into a grouped ``k x k`` convolution as well measured slower; not kept.
     Figures: ``benchmarks/README.md``. The depthwise then grouped 1x1 layout itself: see
     ``kernels.grouped_pointwise``.
