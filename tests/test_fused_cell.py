@@ -570,3 +570,39 @@ def test_fused_batch_norm_second_derivatives(path, scale_term, traced, monkeypat
     for a, e, name in zip(actual, expected, what):
         _assert_close(a, e, 1e-5, name)
     assert bool(written_out) == (path == "twice_differentiable")
+
+
+@pytest.mark.parametrize(
+    "size, kernel, strides, padding, dilation",
+    [
+        ((8, 8), 3, 1, "same", 1),
+        ((7, 9), 5, 1, "same", 2),
+        ((6, 5), 3, 1, "same", 2),
+        ((9, 9), 3, 2, "valid", 1),
+        ((10, 11), 3, 1, "valid", 2),
+    ],
+)
+def test_stacked_depthwise_is_tensorflows(size, kernel, strides, padding, dilation):
+    """The stacked ops' depthwise convolution (its paddings computed in Python) gives
+    ``keras.ops.depthwise_conv``'s outputs and gradients exactly, traced."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(2, *size, 6)).astype("float32"))
+    k = tf.constant(rng.normal(size=(kernel, kernel, 6, 1)).astype("float32"))
+
+    def both(x, k):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, k])
+            ours = stacked_ops._depthwise(x, k, strides, padding, dilation)
+            keras_op = keras.ops.depthwise_conv(x, k, strides, padding, dilation_rate=dilation)
+        seed = tf.reshape(1.0 + tf.range(tf.size(ours), dtype=ours.dtype) % 7, tf.shape(ours))
+        return (
+            ours,
+            keras_op,
+            tape.gradient(ours, [x, k], seed),
+            tape.gradient(keras_op, [x, k], seed),
+        )
+
+    ours, keras_op, ours_grads, keras_grads = tf.function(both)(x, k)
+    np.testing.assert_array_equal(ours.numpy(), keras_op.numpy())
+    for a, b in zip(ours_grads, keras_grads):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -127,7 +127,16 @@ class Architect:
         """
         penalised = bool(with_penalty and self.search_model.arch_penalties)
         if self._pass is None:
-            self._pass = tf.function(self._traced_pass, autograph=False)
+            # The pass reads no variable (values and states come in as tensors, read in the
+            # caller's graph, which orders those reads after its writes) and assigns none
+            # (it returns the states' new values): it needs no automatic control
+            # dependencies, whose bookkeeping over every op of the pass was ~10% of a
+            # step's tracing. Reading a state inside instead would leave that read
+            # unordered against the caller's assignment once the call is inlined: the
+            # next pass could draw its Gumbel noise from the old seed.
+            self._pass = tf.function(
+                self._traced_pass, autograph=False, experimental_attributes={"_disable_acd": True}
+            )
         # Eagerly (run_eagerly, tests) the pass runs in place, as it does with several
         # replicas: the synchronised batch norms' all-reduce (a merge_call) cannot run
         # inside a nested tf.function.
@@ -135,19 +144,24 @@ class Architect:
         traced_pass = self._traced_pass if in_place else self._pass
         # As tensors (variables would be traced as other arguments than computed values).
         values = [tf.convert_to_tensor(v) for v in values]
-        loss, y_pred, grads, states = traced_pass(values, x, y, penalised)
+        current = [tf.convert_to_tensor(v.value) for v in self.state_variables()]
+        loss, y_pred, grads, states = traced_pass(values, current, x, y, penalised)
         random = {id(v) for v in self.random_states()}
         for variable, value in zip(self.state_variables(), states):
             if value is not None and (keep_statistics or id(variable) in random):
                 variable.assign(value)
         return loss, y_pred, grads
 
-    def _traced_pass(self, values, x, y, with_penalty):
+    def _traced_pass(self, values, current, x, y, with_penalty):
+        """``evaluate``'s pass; ``current``: the state variables' values."""
+        variables = self.state_variables()
         with tf.GradientTape() as tape:
             tape.watch(values)
             loss, y_pred, states = self._scoped_loss(
-                values, x, y, with_penalty, self.state_variables()
+                values, x, y, with_penalty, variables, fixed=list(zip(variables, current))
             )
+        # A state the pass did not assign is its value read in: None, nothing to assign.
+        states = [None if s is c else s for s, c in zip(states, current)]
         return loss, y_pred, tape.gradient(loss, values), states
 
     def gradients(self, values, wrt, x, y, with_penalty=True):
@@ -169,7 +183,9 @@ class Architect:
 
     def current_values(self):
         """The supernet's trainable variables, read as tensors."""
-        return [v.value for v in self.search_model.supernet.trainable_variables]
+        return [
+            tf.convert_to_tensor(v.value) for v in self.search_model.supernet.trainable_variables
+        ]
 
     def _split(self):
         sm = self.search_model

@@ -249,12 +249,17 @@ class SearchModel(keras.Model):
         # The architect's traced pass at the current weights, keeping the batch-norm
         # statistics: the step's graph then holds one traced forward and backward pass.
         architect = self.architect
+        values = architect.current_values()
         loss, y_pred, grads = architect.evaluate(
-            architect.current_values(), x, y, with_penalty=False, keep_statistics=True
+            values, x, y, with_penalty=False, keep_statistics=True
         )
-        grads = [grads[i] for i in self.weight_index]
         updates.apply_gradients(
-            self.weight_optimizer, grads, self.weight_vars, self.weight_decay, self.grad_clip
+            self.weight_optimizer,
+            [grads[i] for i in self.weight_index],
+            self.weight_vars,
+            self.weight_decay,
+            self.grad_clip,
+            values=[values[i] for i in self.weight_index],  # the weights, read once
         )
         return loss, y_pred
 

@@ -32,7 +32,9 @@ def all_reduce_sum(tensors):
     return tensors
 
 
-def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=None, reduced=False):
+def apply_gradients(
+    optimizer, grads, variables, weight_decay=0.0, grad_clip=None, reduced=False, values=None
+):
     """Sums ``grads`` over replicas, clips their global norm, adds ``weight_decay * w``, steps.
 
     Args:
@@ -43,14 +45,18 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
         weight_decay: coupled L2 decay.
         grad_clip: global-norm clip (None: none).
         reduced: the gradients are already summed over replicas.
+        values: the variables' current values as tensors, where the caller has read them
+            (the decay then reads no variable again: one graph op fewer per variable).
 
     Variables without a gradient are left alone, as PyTorch skips parameters whose grad is
     None (no decay either).
     """
     if not reduced:
         grads = all_reduce_sum(grads)
-    pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-    grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+    if values is None:
+        values = [v.value for v in variables]
+    kept = [i for i, g in enumerate(grads) if g is not None]
+    grads, variables, values = ([seq[i] for i in kept] for seq in (grads, variables, values))
     if grad_clip is not None:
         scale = _clip_scale(grads, grad_clip)
         grads = [_scaled(g, scale) for g in grads]
@@ -58,7 +64,10 @@ def apply_gradients(optimizer, grads, variables, weight_decay=0.0, grad_clip=Non
         # One constant per dtype: a Python number would be a graph constant per variable
         # (some 500 at size D, each paid for in tracing).
         decay = {dtype: tf.constant(weight_decay, dtype) for dtype in {v.dtype for v in variables}}
-        grads = [g + decay[v.dtype] * tf.cast(v.value, g.dtype) for g, v in zip(grads, variables)]
+        grads = [
+            g + decay[v.dtype] * tf.cast(value, g.dtype)
+            for g, v, value in zip(grads, variables, values)
+        ]
     if not _fused_sgd_step(optimizer, grads, variables):
         # Keras optimizers sum gradients over replicas themselves in a replica context;
         # ours are summed already, so hand each replica its share.

@@ -83,7 +83,9 @@ class FusedBatchNorm(layers.BatchNormalization):
         # statistics); BatchNormalization averages the biased one, v * (n - 1) / n, so with
         # f = 1 - momentum the variance's update is taken back to
         # (1 - f) old + f v (n - 1) / n = new (n - 1) / n + old (1 - f) / n.
-        moving_mean, moving_variance = self.moving_mean.value, self.moving_variance.value
+        # Read once each (a variable handed to two ops is read twice).
+        moving_mean = tf.convert_to_tensor(self.moving_mean.value)
+        moving_variance = tf.convert_to_tensor(self.moving_variance.value)
         factor = 1.0 - self.momentum
         outputs, mean, variance = _kernel(
             inputs, scale, self.epsilon, moving_mean, moving_variance, factor

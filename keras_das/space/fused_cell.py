@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf  # gathers and unstacks of Python-listed rows as single ops
+import tensorflow as tf  # splits, unstacks and matmuls with NumPy constants as single ops
 from keras import layers
 from keras import ops
 
@@ -231,7 +231,9 @@ class FusedMixedOps(layers.Layer):
         if total is not None:  # summed as [..., E * C], split once
             total = _split_edges(total, self.edges)
         if shared:
-            term = self._mix_shared(shared, tf.gather(w, shared_rows, axis=1))
+            term = self._mix_shared(
+                shared, tf.matmul(w, _one_hot(shared_rows, w.shape[1], w.dtype), transpose_b=True)
+            )
             total = term if total is None else total + term
         if total is None:  # every candidate is none
             zeros = ops.zeros_like(x[:, :: self.strides, :: self.strides, :1])
@@ -241,10 +243,12 @@ class FusedMixedOps(layers.Layer):
     def _scales(self, weights):
         """Every op's batch-norm scale, ``[E * C]`` each: ``weights[e, i]`` on edge ``e``'s
         channels. Built once per state (a slice and ``ops.repeat`` per op were ~15 graph
-        ops each)."""
-        n, e, c = len(self.op_names), self.edges, self.channels
-        columns = tf.reshape(tf.transpose(weights), (n, e, 1))
-        return tf.unstack(tf.reshape(tf.tile(columns, (1, 1, c)), (n, e * c)))
+        ops each; a transpose, a tile and two reshapes ~30 with their gradients): one
+        matmul, ``weights^T`` times the constant ``[E, E * C]`` that repeats each row ``C``
+        times (exact: each output one product by 1)."""
+        repeat = np.kron(np.eye(self.edges), np.ones((1, self.channels)))
+        repeat = repeat.astype(weights.dtype.as_numpy_dtype)
+        return tf.unstack(tf.matmul(weights, repeat, transpose_a=True))
 
     def _mix_shared(self, outputs, weights):
         """``sum_o weights[e, o] * outputs[o]`` for every edge ``e``: ``[..., E, C]``.
@@ -274,6 +278,16 @@ class FusedMixedOps(layers.Layer):
 
 def _pad(x, p):
     return ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+
+
+def _one_hot(indices, size, dtype):
+    """The constant ``[len(indices), size]`` 0/1 matrix whose row ``i`` picks entry
+    ``indices[i]``. Rows (or columns) picked by a matmul with it are exact (one product by
+    1, the rest by 0) and its gradient is one matmul, where a gather's is a scatter: some
+    20 graph ops, with ``axis=1`` some 60 (2,376 of a size-D first-order step's 29,942)."""
+    picks = np.zeros((len(indices), size), tf.as_dtype(dtype).as_numpy_dtype)
+    picks[np.arange(len(indices)), indices] = 1.0
+    return picks
 
 
 def _split_off(x, size, axis):
@@ -381,15 +395,16 @@ class FusedSearchCell(layers.Layer):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
-        # Each state's rows of the mixing weights: one gather and one split per cell
-        # rather than a gather per state (whose gradients each build a scatter); with the
+        # Each state's rows of the mixing weights: one matmul picking them (see _one_hot)
+        # and one split per cell, rather than a gather per state (earlier: one gather,
+        # whose gradient is a scatter, 20 graph ops per cell); with the
         # edges' ops summed before their one split into [..., E, C] below, 2-3% fewer
         # graph ops per step (size S: first order 22,235 -> 21,639, exact 72,129 -> 70,646).
         rows = [self._rows(j) for j in range(len(self.sources))]
-        by_state = tf.split(
-            tf.gather(mixing_weights, [r for state in rows for r in state], axis=0),
-            [len(state) for state in rows],
+        order = _one_hot(
+            [r for state in rows for r in state], mixing_weights.shape[0], mixing_weights.dtype
         )
+        by_state = tf.split(tf.matmul(order, mixing_weights), [len(state) for state in rows])
         for j, (source, weights) in enumerate(zip(self.sources, by_state)):
             if self.partial_channels > 1:
                 mix = self._partial_channel_mix(source, states[j], weights, training)
@@ -400,8 +415,9 @@ class FusedSearchCell(layers.Layer):
                 beta = ops.cast(aux_skip_beta, mix.dtype)
                 mix = mix + beta * ops.expand_dims(states[j], axis=-2)
             if edge_weights is not None:  # PC-DARTS: each edge's output times its weight
-                scale = ops.cast(ops.take(edge_weights, rows[j], axis=0), mix.dtype)
-                mix = mix * ops.reshape(scale, (len(rows[j]), 1))
+                picks = _one_hot(rows[j], edge_weights.shape[0], edge_weights.dtype)
+                scale = tf.matmul(picks, ops.expand_dims(edge_weights, -1))
+                mix = mix * ops.cast(scale, mix.dtype)
             pending = mix if pending is None else pending + mix
             if j == 0:
                 continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf  # the depthwise ops, with static paddings
 from keras import layers
 from keras import ops
 
@@ -43,6 +44,41 @@ def _compose(depthwise, pointwise, edges):
     pw = ops.reshape(pointwise, (c, edges, d))
     kernel = ops.einsum("ijec,ced->ijced", dw, pw)
     return ops.reshape(kernel, (k, k, c, edges * d))
+
+
+def _depthwise(x, kernel, strides, padding, dilation=1):
+    """``ops.depthwise_conv`` of channels-last ``x`` (static spatial shape) in the ops
+    TensorFlow's ``tf.nn.depthwise_conv2d`` runs, with their paddings computed here: the
+    depthwise op, and for a dilation (stride 1) its undilated form between a
+    ``SpaceToBatchND`` and a ``BatchToSpaceND``. The same ops with the same arguments, in
+    3 graph ops (1 undilated) where TensorFlow's wrapper builds 13 (3), mostly constants
+    for the paddings. Unknown spatial sizes: ``ops.depthwise_conv``."""
+    if None in tuple(x.shape[1:3]):
+        return ops.depthwise_conv(x, kernel, strides, padding, dilation_rate=dilation)
+    if dilation == 1:
+        return tf.raw_ops.DepthwiseConv2dNative(
+            input=x, filter=kernel, strides=[1, strides, strides, 1], padding=padding.upper()
+        )
+    if strides != 1:
+        raise ValueError(f"a dilated depthwise convolution has stride 1, got {strides}")
+    k = kernel.shape[0]
+    # TensorFlow's required_space_to_batch_paddings: "same" pads (k - 1) * dilation around,
+    # then each spatial size is padded at its end to a multiple of the dilation.
+    total = (k - 1) * dilation if padding.lower() == "same" else 0
+    paddings, crops = [], []
+    for size in x.shape[1:3]:
+        start, end = total // 2, total - total // 2
+        extra = -(size + start + end) % dilation
+        paddings.append([start, end + extra])
+        crops.append([0, extra])
+    blocks = np.array([dilation, dilation], np.int32)
+    y = tf.raw_ops.SpaceToBatchND(
+        input=x, block_shape=blocks, paddings=np.array(paddings, np.int32)
+    )
+    y = tf.raw_ops.DepthwiseConv2dNative(
+        input=y, filter=kernel, strides=[1, 1, 1, 1], padding="VALID"
+    )
+    return tf.raw_ops.BatchToSpaceND(input=y, block_shape=blocks, crops=np.array(crops, np.int32))
 
 
 class _StackedOp(layers.Layer):
@@ -134,14 +170,14 @@ class _StackedSeparable(_StackedOp):
         if self.input_kind == "relu":
             kernel = _compose(self.depthwise[0], self.pointwise[0], self.edges)
             return ops.conv(x, kernel, strides, padding, dilation_rate=dilation)
-        x = ops.depthwise_conv(x, self.depthwise[0], strides, padding, dilation_rate=dilation)
+        x = _depthwise(x, self.depthwise[0], strides, padding, dilation)
         return kernels.grouped_pointwise(x, self.pointwise[0])
 
     def call(self, inputs, training=None, scale=None):
         x = self._first(inputs)
         for i in range(1, self.repeats):
             x = ops.relu(self.bns[i - 1](x, training=training))
-            x = ops.depthwise_conv(x, self.depthwise[i], 1, "same")
+            x = _depthwise(x, self.depthwise[i], 1, "same")
             x = kernels.grouped_pointwise(x, self.pointwise[i])
         return self.bns[-1](x, training=training, scale=scale)
 
