@@ -205,6 +205,27 @@ def test_a_traced_step_traces_one_pass_and_steps_as_the_eager_step(float64):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13, err_msg=a.path)
 
 
+def test_two_steps_in_one_graph_step_as_two_eager_steps(float64):
+    """Two second-order steps traced into one graph (as ``steps_per_execution=2`` runs
+    them): the second step's passes see the statistics and random states the first left
+    (the pass reads no variable itself; they are handed to it), as two eager steps do."""
+    eager, traced = _search_model("second_order"), _search_model("second_order")
+    train, val = _batches()
+    for _ in range(2):
+        eager.train_step((train, val))
+
+    @tf.function
+    def two_steps(t, v):
+        traced.train_step((t, v))
+        traced.train_step((t, v))
+
+    two_steps(train, val)
+    pairs = list(zip(traced.supernet.variables, eager.supernet.variables))
+    pairs += list(zip(traced.weight_optimizer.variables, eager.weight_optimizer.variables))
+    for a, b in pairs:
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13, err_msg=a.path)
+
+
 def test_traced_architect_passes_keep_the_moving_statistics(float64):
     sm = _search_model("second_order")
     stats = [v for v in sm.supernet.non_trainable_weights if "moving" in v.path]

@@ -27,6 +27,8 @@ replicas.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 
@@ -68,6 +70,8 @@ class Architect:
             raise ValueError(f"fd_epsilon must be > 0, got {fd_epsilon!r}")
         self.fd_epsilon = fd_epsilon
         self._pass = None  # the traced pass of evaluate, made at its first call
+        # Per traced graph, the batch norms' statistics as the last pass there left them.
+        self._statistics = weakref.WeakKeyDictionary()
 
     # -- the model at given weights -----------------------------------------------------
 
@@ -144,12 +148,25 @@ class Architect:
         traced_pass = self._traced_pass if in_place else self._pass
         # As tensors (variables would be traced as other arguments than computed values).
         values = [tf.convert_to_tensor(v) for v in values]
-        current = [tf.convert_to_tensor(v.value) for v in self.state_variables()]
+        variables, random = self.state_variables(), {id(v) for v in self.random_states()}
+        # The states' values: the random-generator states read now (every pass moves them
+        # on), the statistics read once per traced graph and then handed from pass to pass
+        # (only a pass that keeps them changes them; a second-order step makes six passes,
+        # some 700 variable reads each at size D).
+        graph = None if in_place else tf.compat.v1.get_default_graph()
+        known = self._statistics.get(graph, {}) if graph is not None else {}
+        current = [
+            known[id(v)] if id(v) in known else tf.convert_to_tensor(v.value) for v in variables
+        ]
         loss, y_pred, grads, states = traced_pass(values, current, x, y, penalised)
-        random = {id(v) for v in self.random_states()}
-        for variable, value in zip(self.state_variables(), states):
+        kept = {}
+        for variable, now, value in zip(variables, current, states):
             if value is not None and (keep_statistics or id(variable) in random):
                 variable.assign(value)
+            if id(variable) not in random:
+                kept[id(variable)] = value if value is not None and keep_statistics else now
+        if graph is not None:
+            self._statistics[graph] = kept
         return loss, y_pred, grads
 
     def _traced_pass(self, values, current, x, y, with_penalty):
