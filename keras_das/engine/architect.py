@@ -70,8 +70,6 @@ class Architect:
             raise ValueError(f"fd_epsilon must be > 0, got {fd_epsilon!r}")
         self.fd_epsilon = fd_epsilon
         self._pass = None  # the traced pass of evaluate, made at its first call
-        # Per traced graph, the batch norms' statistics as the last pass there left them.
-        self._statistics = weakref.WeakKeyDictionary()
 
     # -- the model at given weights -----------------------------------------------------
 
@@ -153,8 +151,11 @@ class Architect:
         # on), the statistics read once per traced graph and then handed from pass to pass
         # (only a pass that keeps them changes them; a second-order step makes six passes,
         # some 700 variable reads each at size D).
+        # Kept on the graph (by architect), so they go with it: a dictionary keyed by graphs
+        # would keep every graph alive through the tensors it holds.
         graph = None if in_place else tf.compat.v1.get_default_graph()
-        known = self._statistics.get(graph, {}) if graph is not None else {}
+        handed = None if graph is None else _graph_attribute(graph, "_keras_das_statistics")
+        known = handed.get(self, {}) if handed is not None else {}
         current = [
             known[id(v)] if id(v) in known else tf.convert_to_tensor(v.value) for v in variables
         ]
@@ -165,8 +166,8 @@ class Architect:
                 variable.assign(value)
             if id(variable) not in random:
                 kept[id(variable)] = value if value is not None and keep_statistics else now
-        if graph is not None:
-            self._statistics[graph] = kept
+        if handed is not None:
+            handed[self] = kept
         return loss, y_pred, grads
 
     def _traced_pass(self, values, current, x, y, with_penalty):
@@ -330,6 +331,13 @@ def _dense(grads):
     """Sparse gradients (an Embedding's IndexedSlices) as dense tensors: the virtual step
     is elementwise in them and differentiated with respect to them."""
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+
+
+def _graph_attribute(graph, name):
+    """A ``WeakKeyDictionary`` stored on ``graph`` as ``name`` (made at first use)."""
+    if not hasattr(graph, name):
+        setattr(graph, name, weakref.WeakKeyDictionary())
+    return getattr(graph, name)
 
 
 def _replace(values, indices, replacements):
