@@ -150,9 +150,9 @@ class Architect:
         # The states' values: the random-generator states read now (every pass moves them
         # on), the statistics read once per traced graph and then handed from pass to pass
         # (only a pass that keeps them changes them; a second-order step makes six passes,
-        # some 700 variable reads each at size D).
-        # Kept on the graph (by architect), so they go with it: a dictionary keyed by graphs
-        # would keep every graph alive through the tensors it holds.
+        # some 700 variable reads each at size D). They are kept on the graph, per
+        # architect, so they go with it (a dictionary keyed by graphs would keep each graph
+        # alive through the tensors it holds).
         graph = None if in_place else tf.compat.v1.get_default_graph()
         handed = None if graph is None else _graph_attribute(graph, "_keras_das_statistics")
         known = handed.get(self, {}) if handed is not None else {}
@@ -334,7 +334,8 @@ def _dense(grads):
 
 
 def _graph_attribute(graph, name):
-    """A ``WeakKeyDictionary`` stored on ``graph`` as ``name`` (made at first use)."""
+    """A ``WeakKeyDictionary`` stored on ``graph`` as ``name`` (made at first use; graphs
+    take attributes but have no ``__dict__`` to ``setdefault`` in)."""
     if not hasattr(graph, name):
         setattr(graph, name, weakref.WeakKeyDictionary())
     return getattr(graph, name)

@@ -396,10 +396,10 @@ class FusedSearchCell(layers.Layer):
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         pending = None  # [batch, h, w, nodes not finished, C]: their partial sums
         # Each state's rows of the mixing weights: one matmul picking them (see _one_hot)
-        # and one split per cell, rather than a gather per state (earlier: one gather,
-        # whose gradient is a scatter, 20 graph ops per cell); with the
-        # edges' ops summed before their one split into [..., E, C] below, 2-3% fewer
-        # graph ops per step (size S: first order 22,235 -> 21,639, exact 72,129 -> 70,646).
+        # and one split per cell, rather than a gather per state (a scatter in each's
+        # gradient); with the edges' ops summed before their one split into [..., E, C]
+        # below, that was 2-3% fewer graph ops per step (size S: first order 22,235 ->
+        # 21,639, exact 72,129 -> 70,646).
         rows = [self._rows(j) for j in range(len(self.sources))]
         order = _one_hot(
             [r for state in rows for r in state], mixing_weights.shape[0], mixing_weights.dtype
