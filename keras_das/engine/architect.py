@@ -33,8 +33,10 @@ import keras
 import tensorflow as tf
 
 from keras_das.engine import moments
+from keras_das.engine import packing
 from keras_das.engine.updates import all_reduce_sum
 from keras_das.engine.updates import num_replicas
+from keras_das.engine.virtual_step import next_packed
 from keras_das.engine.virtual_step import next_weights
 from keras_das.engine.virtual_step import step_vector_product
 from keras_das.space import fused_batch_norm
@@ -47,10 +49,6 @@ def check_architect(name: str) -> str:
     if name not in ARCHITECTS:
         raise ValueError(f"Unknown architect {name!r}; expected one of {list(ARCHITECTS)}")
     return name
-
-
-def global_norm(tensors):
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors if t is not None]))
 
 
 class Architect:
@@ -219,17 +217,37 @@ class Architect:
         ``w``, the virtual step ``w'``, the validation pass there, and ``u``.
 
         ``split`` is ``_split()``'s. Returns a dict with ``d_alpha`` (dL_val(w', a)/da),
-        ``u`` (``(dw'/dg)^T v``, ``v = dL_val(w', a)/dw'``) and the val loss and predictions.
+        the val loss and predictions, and, packed by ``layout`` (a ``packing.Packing``)
+        over the weights the training loss reaches (``moved``: their indices in the
+        values; the others stay where they are and their ``u`` is 0), ``w`` and ``u``
+        (``(dw'/dg)^T v``, ``v = dL_val(w', a)/dw'``).
         """
         sm = self.search_model
         values, weight, arch = split
-        w = [values[i] for i in weight]
         g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
-        virtual = _replace(values, weight, self.virtual_step(w, g_train))
-        g_val, val_loss, val_pred = self.gradients(virtual, weight + arch, *val_batch)
-        v, d_alpha = g_val[: len(weight)], _zeros_for_none(g_val[len(weight) :], arch, values)
-        u = step_vector_product(sm.weight_optimizer, sm.weight_vars, w, g_train, v, sm.weight_decay)
-        return dict(d_alpha=d_alpha, u=u, val_loss=val_loss, val_pred=val_pred)
+        moved = [k for k, g in enumerate(g_train) if g is not None]
+        variables = [sm.weight_vars[k] for k in moved]
+        moved = [weight[k] for k in moved]
+        layout = packing.Packing([values[i] for i in moved])
+        w = layout.pack([values[i] for i in moved])
+        g_train = layout.pack([g for g in g_train if g is not None])
+        stepped = next_packed(sm.weight_optimizer, variables, w, g_train, sm.weight_decay, layout)
+        virtual = _replace(values, moved, layout.unpack(stepped))
+        g_val, val_loss, val_pred = self.gradients(virtual, moved + arch, *val_batch)
+        v = layout.pack(_zeros_for_none(g_val[: len(moved)], moved, values))
+        d_alpha = _zeros_for_none(g_val[len(moved) :], arch, values)
+        u = step_vector_product(
+            sm.weight_optimizer, variables, w, g_train, v, sm.weight_decay, layout
+        )
+        return dict(
+            d_alpha=d_alpha,
+            layout=layout,
+            moved=moved,
+            w=w,
+            u=u,
+            val_loss=val_loss,
+            val_pred=val_pred,
+        )
 
     def second_order_terms(self, train_batch, val_batch):
         """The pieces of the DARTS estimate, for inspection and tests.
@@ -241,17 +259,21 @@ class Architect:
         Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``grad_plus`` and ``grad_minus``
         (dL_train/da at ``w +- eps * u``), ``eps``, and the val loss and predictions.
         """
-        values, weight, arch = split = self._split()
+        values, _, arch = split = self._split()
         t = self._virtual_pass(split, train_batch, val_batch)
-        w, u = [values[i] for i in weight], t["u"]
-        eps = self.fd_epsilon / global_norm(u)
-        plus = _replace(values, weight, [wi + eps * ui for wi, ui in zip(w, u)])
-        minus = _replace(values, weight, [wi - eps * ui for wi, ui in zip(w, u)])
-        g_plus, _, _ = self.gradients(plus, arch, *train_batch, with_penalty=False)
+        layout, moved = t["layout"], t["moved"]
+        eps = self.fd_epsilon / packing.global_norm(t["u"])
+        step = packing.map_parts(lambda u: tf.cast(eps, u.dtype) * u, t["u"])
+        plus = packing.map_parts(tf.add, t["w"], step)
+        g_plus, _, _ = self.gradients(
+            _replace(values, moved, layout.unpack(plus)), arch, *train_batch, with_penalty=False
+        )
         # One pass after the other: run side by side (nothing in their inputs orders them),
         # both passes' activations are alive at once.
-        minus = _after(g_plus, minus)
-        g_minus, _, _ = self.gradients(minus, arch, *train_batch, with_penalty=False)
+        minus = _after(g_plus, packing.map_parts(tf.subtract, t["w"], step))
+        g_minus, _, _ = self.gradients(
+            _replace(values, moved, layout.unpack(minus)), arch, *train_batch, with_penalty=False
+        )
         return dict(
             d_alpha=t["d_alpha"],
             grad_plus=_zeros_for_none(g_plus, arch, values),
@@ -300,9 +322,12 @@ class Architect:
             # This replica's share of the training gradient; the products' derivatives are
             # summed over replicas below, as the gradient is.
             g_train = _dense(inner.gradient(loss, w))
-            product = tf.add_n(
-                [tf.reduce_sum(g * u) for g, u in zip(g_train, t["u"]) if g is not None]
+            # Packed as u is (over the weights the first training pass reached).
+            position = {i: k for k, i in enumerate(weight)}
+            g_train = t["layout"].pack(
+                _zeros_for_none([g_train[position[i]] for i in t["moved"]], t["moved"], values)
             )
+            product = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(g_train, t["u"])])
         mixed = _zeros_for_none(all_reduce_sum(outer.gradient(product, alphas)), arch, values)
         grads = [d + m for d, m in zip(t["d_alpha"], mixed)]
         return grads, t["val_loss"], t["val_pred"]

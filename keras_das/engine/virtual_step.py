@@ -16,6 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_das.engine import packing
+
 SUPPORTED = (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW)
 
 
@@ -38,83 +40,97 @@ def check_optimizer(optimizer, architect: str) -> None:
 
 def next_weights(optimizer, variables, weights, grads, weight_decay: float) -> list:
     """``w'`` for each of ``variables`` (at values ``weights``, gradients ``grads``)."""
-    learning_rate = optimizer.learning_rate
-    out = []
-    for variable, w, g in zip(variables, weights, grads):
-        if g is None:
-            out.append(w)
-            continue
-        lr = tf.cast(learning_rate, w.dtype)
-        g = g + weight_decay * w
-        if optimizer.weight_decay and optimizer._use_weight_decay(variable):
-            w = w - w * tf.cast(optimizer.weight_decay, w.dtype) * lr  # decoupled, first
-        step = _sgd if isinstance(optimizer, keras.optimizers.SGD) else _adam
-        out.append(step(optimizer, optimizer._get_variable_index(variable), w, g, lr))
+    moved = [i for i, g in enumerate(grads) if g is not None]
+    layout = packing.Packing([weights[i] for i in moved])
+    stepped = next_packed(
+        optimizer,
+        [variables[i] for i in moved],
+        layout.pack([weights[i] for i in moved]),
+        layout.pack([grads[i] for i in moved]),
+        weight_decay,
+        layout,
+    )
+    out = list(weights)
+    for i, w in zip(moved, layout.unpack(stepped)):
+        out[i] = w
     return out
 
 
-def step_vector_product(optimizer, variables, weights, grads, vector, weight_decay: float):
-    """``(dw'/dg)^T vector`` per variable: ``-lr * vector`` for plain SGD.
+def next_packed(optimizer, variables, weights, grads, weight_decay: float, layout) -> tuple:
+    """``next_weights`` on tensors packed by ``layout`` (a ``packing.Packing`` over
+    ``variables``, all of which have gradients): elementwise, so a few ops in all."""
+    learning_rate = optimizer.learning_rate
+    grads = packing.map_parts(lambda g, w: g + weight_decay * w, grads, weights)
+    if optimizer.weight_decay:  # decoupled (AdamW), first, where the optimizer decays
+
+        def decay(w, *mask):
+            wd, lr = (tf.cast(x, w.dtype) for x in (optimizer.weight_decay, learning_rate))
+            return w - (w * mask[0] if mask else w) * wd * lr  # as Keras: w - w * wd * lr
+
+        decayed = [1.0 if optimizer._use_weight_decay(v) else 0.0 for v in variables]
+        masks = [layout.spread(decayed)] if 0.0 in decayed else []
+        weights = packing.map_parts(decay, weights, *masks)
+    slots = {
+        name: layout.pack([slot[optimizer._get_variable_index(v)] for v in variables])
+        for name, slot in _slots(optimizer).items()
+    }
+    step = _sgd if isinstance(optimizer, keras.optimizers.SGD) else _adam
+    return packing.map_parts(
+        lambda w, g, *s: step(optimizer, w, g, tf.cast(learning_rate, w.dtype), *s),
+        weights,
+        grads,
+        *slots.values(),
+    )
+
+
+def _slots(optimizer) -> dict:
+    """The optimizer's per-variable state the step reads, in ``_sgd``/``_adam``'s order."""
+    if isinstance(optimizer, keras.optimizers.SGD):
+        return {"momentums": optimizer.momentums} if optimizer.momentum else {}
+    slots = {"momentums": optimizer._momentums, "velocities": optimizer._velocities}
+    if optimizer.amsgrad:
+        slots["velocity_hats"] = optimizer._velocity_hats
+    return slots
+
+
+def step_vector_product(optimizer, variables, weights, grads, vector, weight_decay, layout):
+    """``(dw'/dg)^T vector``, all packed by ``layout`` (as ``next_packed``'s): ``-lr *
+    vector`` for plain SGD.
 
     The step is elementwise in the gradient, so its Jacobian is diagonal and one reverse
     pass gives the product. For SGD the diagonal is one number, written out here
-    (``-lr``, ``-lr * (1 + mu)`` with Nesterov): a multiply per variable instead of a
-    differentiated copy of the step (about 30 graph ops per variable). Variables without a
-    gradient get zeros.
+    (``-lr``, ``-lr * (1 + mu)`` with Nesterov): one multiply instead of a differentiated
+    copy of the step.
     """
     if isinstance(optimizer, keras.optimizers.SGD):
         lr = optimizer.learning_rate
         factor = -lr * (1.0 + optimizer.momentum) if optimizer.nesterov else -lr
-        factors = {}
-        out = []
-        for w, g, v in zip(weights, grads, vector):
-            if g is None or v is None:
-                out.append(tf.zeros_like(w))
-                continue
-            if w.dtype not in factors:
-                factors[w.dtype] = tf.cast(factor, w.dtype)
-            out.append(factors[w.dtype] * v)
-        return out
-    present = [i for i, g in enumerate(grads) if g is not None]
-    watched = [grads[i] for i in present]
+        return packing.map_parts(lambda v: tf.cast(factor, v.dtype) * v, vector)
     with tf.GradientTape() as tape:
-        tape.watch(watched)
-        stepped = next_weights(
-            optimizer,
-            [variables[i] for i in present],
-            [weights[i] for i in present],
-            watched,
-            weight_decay,
-        )
-    vector = [tf.zeros_like(weights[i]) if vector[i] is None else vector[i] for i in present]
-    products = tape.gradient(stepped, watched, output_gradients=vector)
-    out = [tf.zeros_like(w) for w in weights]
-    for i, p in zip(present, products):
-        out[i] = tf.zeros_like(weights[i]) if p is None else p
-    return out
+        tape.watch(grads)
+        stepped = next_packed(optimizer, variables, weights, grads, weight_decay, layout)
+    return tuple(tape.gradient(stepped, list(grads), output_gradients=list(vector)))
 
 
-def _sgd(optimizer, index, w, g, lr):
+def _sgd(optimizer, w, g, lr, m=None):
     if not optimizer.momentum:
         return w - g * lr
     # Keras SGD: m <- mu * m - lr * g; w <- w + m (sign and lr folded into m).
     mu = keras.ops.cast(optimizer.momentum, w.dtype)
-    m = mu * tf.cast(optimizer.momentums[index], w.dtype) - g * lr
+    m = mu * m - g * lr
     return w + (mu * m - g * lr if optimizer.nesterov else m)
 
 
-def _adam(optimizer, index, w, g, lr):
+def _adam(optimizer, w, g, lr, m, v, v_hat=None):
     dtype = w.dtype
     step = keras.ops.cast(optimizer.iterations + 1, dtype)
     beta_1_power = keras.ops.power(keras.ops.cast(optimizer.beta_1, dtype), step)
     beta_2_power = keras.ops.power(keras.ops.cast(optimizer.beta_2, dtype), step)
     alpha = lr * keras.ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-    m = tf.cast(optimizer._momentums[index], dtype)
-    v = tf.cast(optimizer._velocities[index], dtype)
     m = m + (g - m) * (1 - optimizer.beta_1)
     v = v + (tf.square(g) - v) * (1 - optimizer.beta_2)
     if optimizer.amsgrad:
-        v = tf.maximum(tf.cast(optimizer._velocity_hats[index], dtype), v)
+        v = tf.maximum(v_hat, v)
     return w - (m * alpha) / (_sqrt_zero_safe(v) + optimizer.epsilon)
 
 
