@@ -193,23 +193,31 @@ class Architect:
 
     # -- architects -------------------------------------------------------------------------
 
-    def __call__(self, train_batch, val_batch):
-        """Returns ``(grads for the arch variables, val loss (scaled), val predictions)``."""
-        return getattr(self, self.method)(train_batch, val_batch)
+    def __call__(self, train_batch, val_batch, values=None):
+        """Returns ``(grads for the arch variables, val loss (scaled), val predictions)``.
 
-    def current_values(self):
-        """The supernet's trainable variables, read as tensors."""
+        ``values``: ``current_values()``, where the caller has read them already.
+        """
+        return getattr(self, self.method)(train_batch, val_batch, values)
+
+    def current_values(self, weights=None):
+        """The supernet's trainable variables, read as tensors; with ``weights`` (the
+        values of ``search_model.weight_vars``, read before), only the others are read."""
+        sm = self.search_model
+        known = {} if weights is None else dict(zip(sm.weight_index, weights, strict=True))
         return [
-            tf.convert_to_tensor(v.value) for v in self.search_model.supernet.trainable_variables
+            known[i] if i in known else tf.convert_to_tensor(v.value)
+            for i, v in enumerate(sm.supernet.trainable_variables)
         ]
 
-    def _split(self):
+    def _split(self, values=None):
         sm = self.search_model
-        return self.current_values(), sm.weight_index, sm.arch_index
+        values = self.current_values() if values is None else list(values)
+        return values, sm.weight_index, sm.arch_index
 
-    def first_order(self, train_batch, val_batch):
+    def first_order(self, train_batch, val_batch, values=None):
         del train_batch
-        values, _, arch = self._split()
+        values, _, arch = self._split(values)
         return self.gradients(values, arch, *val_batch)
 
     def _virtual_pass(self, split, train_batch, val_batch):
@@ -249,7 +257,7 @@ class Architect:
             val_pred=val_pred,
         )
 
-    def second_order_terms(self, train_batch, val_batch):
+    def second_order_terms(self, train_batch, val_batch, values=None):
         """The pieces of the DARTS estimate, for inspection and tests.
 
         With ``u = (dw'/dg)^T v`` (``-xi * v`` for plain SGD, as in DARTS), the
@@ -259,7 +267,7 @@ class Architect:
         Returns a dict with ``d_alpha`` (dL_val(w', a)/da), ``grad_plus`` and ``grad_minus``
         (dL_train/da at ``w +- eps * u``), ``eps``, and the val loss and predictions.
         """
-        values, _, arch = split = self._split()
+        values, _, arch = split = self._split(values)
         t = self._virtual_pass(split, train_batch, val_batch)
         layout, moved = t["layout"], t["moved"]
         eps = self.fd_epsilon / packing.global_norm(t["u"])
@@ -283,15 +291,15 @@ class Architect:
             val_pred=t["val_pred"],
         )
 
-    def second_order(self, train_batch, val_batch):
-        t = self.second_order_terms(train_batch, val_batch)
+    def second_order(self, train_batch, val_batch, values=None):
+        t = self.second_order_terms(train_batch, val_batch, values)
         grads = [
             d + (gp - gm) / (2.0 * t["eps"])
             for d, gp, gm in zip(t["d_alpha"], t["grad_plus"], t["grad_minus"])
         ]
         return grads, t["val_loss"], t["val_pred"]
 
-    def exact(self, train_batch, val_batch):
+    def exact(self, train_batch, val_batch, values=None):
         """``dL_val(w'(a), a)/da`` exactly: ``d_alpha + d/da (g_train . u)`` with the second
         term differentiated by nested tapes instead of finite differences.
 
@@ -305,7 +313,7 @@ class Architect:
         """
         # The states' values now (copies, not the variables), for the nested pass.
         replay = [(s, tf.identity(s.value)) for s in self.random_states()]
-        values, weight, arch = split = self._split()
+        values, weight, arch = split = self._split(values)
         t = self._virtual_pass(split, train_batch, val_batch)
         # After the validation pass (u comes from it): run beside it, the nested pass's
         # activations would add to its own.

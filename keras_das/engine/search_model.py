@@ -238,18 +238,20 @@ class SearchModel(keras.Model):
             loss = loss + tf.add_n([tf.cast(e, loss.dtype) for e in extra]) / updates.num_replicas()
         return loss
 
-    def arch_step(self, train_batch, val_batch):
-        grads, val_loss, val_pred = self.architect(train_batch, val_batch)
+    def arch_step(self, train_batch, val_batch, values=None):
+        """One architecture step; ``values``: ``architect.current_values()``, if read."""
+        grads, val_loss, val_pred = self.architect(train_batch, val_batch, values)
         updates.apply_gradients(
             self.arch_optimizer, grads, self.arch_vars, self.arch_weight_decay, reduced=True
         )
         return val_loss, val_pred
 
-    def weight_step(self, x, y):
+    def weight_step(self, x, y, weights=None):
+        """One weight step; ``weights``: the weights' current values, if read."""
         # The architect's traced pass at the current weights, keeping the batch-norm
         # statistics: the step's graph then holds one traced forward and backward pass.
         architect = self.architect
-        values = architect.current_values()
+        values = architect.current_values(weights)
         loss, y_pred, grads = architect.evaluate(
             values, x, y, with_penalty=False, keep_statistics=True
         )
@@ -265,16 +267,20 @@ class SearchModel(keras.Model):
 
     def train_step(self, data):
         (x_train, y_train), (x_val, y_val) = data
+        # Read once for both steps: the architecture step assigns no weight (a read is a
+        # graph op per variable, some 500 at size D); the weight step reads the alphas
+        # again, after their step.
+        values = self.architect.current_values()
         if self.freezable_arch:
             # Warm-up (PC-DARTS): while frozen, only evaluate the validation batch.
             val_loss, val_pred = tf.cond(
                 self.arch_enabled,
-                lambda: self.arch_step((x_train, y_train), (x_val, y_val)),
-                lambda: self.architect.loss_at(self.architect.current_values(), x_val, y_val),
+                lambda: self.arch_step((x_train, y_train), (x_val, y_val), values),
+                lambda: self.architect.loss_at(values, x_val, y_val),
             )
         else:
-            val_loss, val_pred = self.arch_step((x_train, y_train), (x_val, y_val))
-        loss, y_pred = self.weight_step(x_train, y_train)
+            val_loss, val_pred = self.arch_step((x_train, y_train), (x_val, y_val), values)
+        loss, y_pred = self.weight_step(x_train, y_train, [values[i] for i in self.weight_index])
 
         m = self._search_metrics
         # Losses are scaled by 1 / replicas (as Keras losses are); report the batch mean.
