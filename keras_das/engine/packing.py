@@ -23,8 +23,8 @@ class Packing:
     Tensors of one shape and dtype are stacked together, so the op count grows with the
     number of distinct shapes, not of tensors. ``pack`` returns a tuple of vectors (one
     per dtype, in order of first appearance in ``like``; one for the usual float32
-    model), on which elementwise work is ``tf.nest.map_structure``; ``unpack`` returns
-    the list in ``like``'s order and shapes.
+    model), on which elementwise work is ``map_parts``; ``unpack`` returns the list in
+    ``like``'s order and shapes.
 
     Args:
         like: tensors or variables with fully defined shapes.
