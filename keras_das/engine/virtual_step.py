@@ -70,27 +70,26 @@ def next_packed(optimizer, variables, weights, grads, weight_decay: float, layou
         decayed = [1.0 if optimizer._use_weight_decay(v) else 0.0 for v in variables]
         masks = [layout.spread(decayed)] if 0.0 in decayed else []
         weights = packing.map_parts(decay, weights, *masks)
-    slots = {
-        name: layout.pack([slot[optimizer._get_variable_index(v)] for v in variables])
-        for name, slot in _slots(optimizer).items()
-    }
+    slots = [
+        layout.pack([slot[optimizer._get_variable_index(v)] for v in variables])
+        for slot in _slots(optimizer)
+    ]
     step = _sgd if isinstance(optimizer, keras.optimizers.SGD) else _adam
     return packing.map_parts(
         lambda w, g, *s: step(optimizer, w, g, tf.cast(learning_rate, w.dtype), *s),
         weights,
         grads,
-        *slots.values(),
+        *slots,
     )
 
 
-def _slots(optimizer) -> dict:
-    """The optimizer's per-variable state the step reads, in ``_sgd``/``_adam``'s order."""
+def _slots(optimizer) -> list:
+    """The optimizer's per-variable state lists the step reads, in ``_sgd``/``_adam``'s
+    argument order."""
     if isinstance(optimizer, keras.optimizers.SGD):
-        return {"momentums": optimizer.momentums} if optimizer.momentum else {}
-    slots = {"momentums": optimizer._momentums, "velocities": optimizer._velocities}
-    if optimizer.amsgrad:
-        slots["velocity_hats"] = optimizer._velocity_hats
-    return slots
+        return [optimizer.momentums] if optimizer.momentum else []
+    slots = [optimizer._momentums, optimizer._velocities]
+    return slots + [optimizer._velocity_hats] if optimizer.amsgrad else slots
 
 
 def step_vector_product(optimizer, variables, weights, grads, vector, weight_decay, layout):
