@@ -234,7 +234,8 @@ class Architect:
         values, weight, arch = split
         g_train, _, _ = self.gradients(values, weight, *train_batch, with_penalty=False)
         moved = [k for k, g in enumerate(g_train) if g is not None]
-        variables = [sm.weight_vars[k] for k in moved]
+        weight_vars = sm.weight_vars  # a property that walks the layers: read once
+        variables = [weight_vars[k] for k in moved]
         moved = [weight[k] for k in moved]
         layout = packing.Packing([values[i] for i in moved])
         w = layout.pack([values[i] for i in moved])
