@@ -23,7 +23,6 @@ mostly two more calls of that op): the same derivatives (to float32 rounding, se
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 import keras
@@ -32,12 +31,8 @@ import tensorflow as tf  # the fused kernel, which keras.ops lacks
 from keras import layers
 from keras import ops
 
+from keras_das.space import gradients
 from keras_das.space import primitives
-
-try:  # the tape's recording, which tf.custom_gradient itself calls (not a public API)
-    from tensorflow.python.eager import record as _tape_record
-except ImportError:  # pragma: no cover - another TensorFlow layout: tf.custom_gradient
-    _tape_record = None
 
 
 @keras.saving.register_keras_serializable(package="keras_das")
@@ -184,7 +179,7 @@ def normalize(x, scale, epsilon):
     ``scale`` (``[channels]``), whose gradient is ``_normalize_grad``: the fused kernel
     forward, its gradient op backward, and that op's own gradient written out."""
 
-    @_custom_gradient
+    @gradients.custom_gradient
     def forward(x, scale):
         y, *statistics = _kernel(x, scale, epsilon)
 
@@ -215,7 +210,7 @@ def _normalize_grad(dy, x, scale, statistics, epsilon):
     mean, variance, *reserves = statistics
     ones = np.ones((x.shape[-1],), x.dtype.as_numpy_dtype)
 
-    @_custom_gradient
+    @gradients.custom_gradient
     def backward(dy, x, scale):
         dx, dscale = _kernel_grad(dy, x, scale, reserves, epsilon)
 
@@ -244,37 +239,6 @@ def _normalize_grad(dy, x, scale, statistics, epsilon):
         return (dx, dscale), grad
 
     return backward(dy, x, scale)
-
-
-def _custom_gradient(f):
-    """``tf.custom_gradient`` for a function of tensors, recorded without copies of them.
-
-    In a traced function ``tf.custom_gradient`` passes the arguments through an
-    ``IdentityN`` beside the results and records that op, so a tape differentiating
-    through it makes zeros for every argument's copy (a ``Fill`` and two constants per
-    feature map), which the gradient never reads: without them (and the ``IdentityN``s)
-    the exact architect's step at size D traces 62,899 graph ops instead of 70,614. Here
-    ``f`` runs unrecorded and only its results are recorded, as functions of its
-    arguments, with the same gradient function. Eagerly (or where TensorFlow lacks the
-    module) it is ``tf.custom_gradient``, which records no copies there.
-    """
-
-    @functools.wraps(f)
-    def decorated(*args):
-        if _tape_record is None or tf.executing_eagerly():
-            return tf.custom_gradient(f)(*args)
-        args = [tf.convert_to_tensor(a) for a in args]
-        with _tape_record.stop_recording():
-            result, grad = f(*args)
-
-        def backward(*output_grads):
-            grads = grad(*output_grads)
-            return list(grads) if isinstance(grads, (list, tuple)) else [grads]
-
-        _tape_record.record_operation(f.__name__, tf.nest.flatten(result), args, backward)
-        return result
-
-    return decorated
 
 
 def _known_zero(t) -> bool:

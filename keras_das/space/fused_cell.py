@@ -57,6 +57,7 @@ import tensorflow as tf  # splits, unstacks and matmuls with NumPy constants as 
 from keras import layers
 from keras import ops
 
+from keras_das.space import gradients
 from keras_das.space import kernels
 from keras_das.space import primitives
 from keras_das.space import stacked_ops
@@ -262,7 +263,7 @@ class FusedMixedOps(layers.Layer):
         eye = np.eye(c, dtype=weights.dtype.as_numpy_dtype)
         kernel = ops.einsum("eo,cd->oced", weights, eye)
         kernel = ops.reshape(kernel, (n * c, self.edges * c))
-        x = outputs[0] if n == 1 else ops.concatenate(outputs, axis=-1)
+        x = gradients.concatenate(outputs, axis=-1)
         y = ops.matmul(ops.reshape(x, (-1, n * c)), kernel)
         return ops.reshape(y, (*kernels.static_or_dynamic_shape(x)[:-1], self.edges, c))
 
@@ -428,7 +429,7 @@ class FusedSearchCell(layers.Layer):
             else:
                 node = pending
             states.append(ops.squeeze(node, axis=-2))
-        return ops.concatenate(states[-self.multiplier :], axis=-1)
+        return gradients.concatenate(states[-self.multiplier :], axis=-1)
 
     def _partial_channel_mix(self, source, x, mixing_weights, training):
         """``mixed_op.partial_channel_mix`` for every edge leaving the state ``x``.
