@@ -9,7 +9,6 @@ import keras_das
 from keras_das import FusedSearchCell
 from keras_das import SearchCell
 from keras_das import SearchNetwork
-from keras_das.space import fused_batch_norm
 from keras_das.space import gradients
 from keras_das.space import primitives
 from keras_das.space import stacked_ops
@@ -489,7 +488,8 @@ def test_search_model_steps_with_fused_cells(architect):
 
 def test_exact_architect_agrees_across_implementations():
     """Second derivatives through the fused cell: the hypergradient of the ``exact``
-    architect (nested tapes through the virtual step) equals the per-edge one.
+    architect (forward over reverse, through the virtual step) equals the per-edge one,
+    eagerly and traced.
 
     The fused batch-norm kernel's second derivatives are exact (see
     ``test_fused_batch_norm_second_derivatives``); ``BatchNormalization``'s are only in
@@ -498,14 +498,18 @@ def test_exact_architect_agrees_across_implementations():
     per_edge, fused = _network_pair(op_names=OP_SUBSETS["convs"] + ("max_pool_3x3",))
     train, val = _batches(1)
     grads = []
-    for net in (per_edge, fused):
+    for net, traced in ((per_edge, False), (fused, False), (fused, True)):
         search = _search_model(net, "exact")
-        g, loss, _ = search.architect.exact(train, val)
+        exact = search.architect.exact
+        if traced:
+            exact = tf.function(exact, autograph=False)
+        g, loss, _ = exact(train, val)
         assert np.isfinite(float(loss))
         grads.append([keras.ops.convert_to_numpy(t) for t in g])
-    for g, g_ref, name in zip(grads[1], grads[0], ("alpha_normal", "alpha_reduce")):
-        assert np.abs(g_ref).max() > 0, name
-        _assert_close(g, g_ref, 1e-4, f"exact hypergradient of {name}")
+    for fused_grads in grads[1:]:
+        for g, g_ref, name in zip(fused_grads, grads[0], ("alpha_normal", "alpha_reduce")):
+            assert np.abs(g_ref).max() > 0, name
+            _assert_close(g, g_ref, 1e-4, f"exact hypergradient of {name}")
 
 
 def _batch_norm_reference(x, scale, epsilon=primitives.BN_EPSILON):
@@ -530,15 +534,27 @@ def _hessian_vector_product(f, x, scale, vector, scale_vector):
     return [*grads, *outer.gradient(projected, [x, scale])]
 
 
+def _forward_over_reverse(f, x, scale, vector, scale_vector):
+    """``_hessian_vector_product`` forward over reverse, as the exact architect takes it:
+    the gradient under a forward accumulator whose tangents are the vectors."""
+    tangents = [vector, tf.zeros_like(scale) if scale_vector is None else scale_vector]
+    with gradients.forward_accumulator([x, scale], tangents) as accumulator:
+        with tf.GradientTape() as tape:
+            tape.watch([x, scale])
+            loss = tf.reduce_sum(tf.sin(f(x, scale)))
+        grads = tape.gradient(loss, [x, scale])
+    return [*grads, *(accumulator.jvp(g) for g in grads)]
+
+
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("scale_term", [True, False])
-@pytest.mark.parametrize("path", ["kernel", "twice_differentiable"])
-def test_fused_batch_norm_second_derivatives(path, scale_term, traced, monkeypatch):
-    """Both ways of differentiating the fused batch norm twice (TensorFlow's gradient of
-    the kernel's gradient, and ``normalize``'s written-out one, which the exact architect's
-    nested pass uses) against plain float64 ops, eagerly and in a traced function (where
-    the tape's zero cotangents are recognised from their ops); without ``scale_term`` the
-    product leaves out the gradient w.r.t. the scale, as the exact architect's does."""
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_fused_batch_norm_second_derivatives(mode, scale_term, traced):
+    """The fused batch norm differentiated twice (TensorFlow's gradient of the kernel's
+    gradient op), reverse over reverse and forward over reverse (the exact architect's
+    way), against plain float64 ops, eagerly and in a traced function; without
+    ``scale_term`` the product leaves out the gradient w.r.t. the scale, as the exact
+    architect's does."""
     rng = np.random.default_rng(3)
     x, vector = (rng.normal(size=(4, 5, 5, 6)) for _ in range(2))
     scale, scale_vector = (rng.normal(size=(6,)) for _ in range(2))
@@ -546,18 +562,10 @@ def test_fused_batch_norm_second_derivatives(path, scale_term, traced, monkeypat
         scale_vector = None
     bn = FusedBatchNorm(center=False, scale=False, epsilon=primitives.BN_EPSILON)
     bn.build(x.shape)
-    written_out = []  # calls of the written-out gradient: the path taken
-    gradient = fused_batch_norm._normalize_grad
-    monkeypatch.setattr(
-        fused_batch_norm, "_normalize_grad", lambda *a: written_out.append(a) or gradient(*a)
-    )
 
     def fused(x, scale):
-        if path == "kernel":
+        with primitives.discarding_batch_norm_statistics():
             return bn(x, training=True, scale=scale)
-        with fused_batch_norm.twice_differentiable():
-            with primitives.discarding_batch_norm_statistics():
-                return bn(x, training=True, scale=scale)
 
     arrays = (x, scale, vector, scale_vector)
 
@@ -565,41 +573,11 @@ def test_fused_batch_norm_second_derivatives(path, scale_term, traced, monkeypat
         return [None if a is None else tf.constant(a, dtype) for a in arrays]
 
     expected = _hessian_vector_product(_batch_norm_reference, *constants("float64"))
-    product = tf.function(_hessian_vector_product) if traced else _hessian_vector_product
-    actual = product(fused, *constants("float32"))
+    product = {"reverse": _hessian_vector_product, "forward": _forward_over_reverse}[mode]
+    actual = (tf.function(product) if traced else product)(fused, *constants("float32"))
     what = ("gradient w.r.t. x", "gradient w.r.t. scale", "Hv w.r.t. x", "Hv w.r.t. scale")
     for a, e, name in zip(actual, expected, what):
         _assert_close(a, e, 1e-5, name)
-    assert bool(written_out) == (path == "twice_differentiable")
-
-
-def test_twice_differentiable_batch_norm_records_no_copies_of_its_arguments(monkeypatch):
-    """``normalize``'s custom gradients record only their results on the tapes: traced, its
-    nested derivatives make no zeros for copies of the arguments (``tf.custom_gradient``
-    passes them through an ``IdentityN`` whose copies the tapes then fill with zeros), in
-    fewer graph ops, and ``tf.custom_gradient`` (the fallback) gives the same derivatives."""
-    rng = np.random.default_rng(5)
-    # 40 * 6 * 6 * 8 values: a feature map's zeros are a Fill (small ones are constants)
-    x, vector = (tf.constant(rng.normal(size=(40, 6, 6, 8)), tf.float32) for _ in range(2))
-    scale = tf.constant(rng.normal(size=(8,)), tf.float32)
-
-    def fused(x, scale):
-        with fused_batch_norm.twice_differentiable():
-            return fused_batch_norm.normalize(x, scale, primitives.BN_EPSILON)
-
-    def traced():
-        product = tf.function(_hessian_vector_product)
-        graph = product.get_concrete_function(fused, x, scale, vector, None).graph
-        return product(fused, x, scale, vector, None), graph.get_operations()
-
-    lean, lean_ops = traced()
-    monkeypatch.setattr(gradients, "_tape_record", None)
-    copied, copied_ops = traced()
-    for a, b, name in zip(lean, copied, ("dx", "dscale", "Hv x", "Hv scale")):
-        _assert_close(a, b, 1e-6, name)
-    assert not [op for op in lean_ops if op.type in ("Fill", "IdentityN")]
-    assert [op for op in copied_ops if op.type == "Fill"]
-    assert len(lean_ops) < len(copied_ops)
 
 
 @pytest.mark.parametrize(

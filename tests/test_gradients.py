@@ -72,3 +72,88 @@ def test_concatenate_of_unknown_sizes_is_tensorflows():
 def test_concatenate_of_one_tensor_is_that_tensor():
     x = tf.ones([2, 3])
     assert gradients.concatenate([x]) is x
+
+
+def _network_hvp(accumulator, x, kernel, weight, u_kernel, u_weight):
+    """Forward over reverse through a small conv net (convolution, depthwise, pooling,
+    batch statistics, a split and a concatenation, ops with integer inputs): the gradient
+    of its loss w.r.t. ``weight`` and that gradient's derivative as ``kernel, weight``
+    move along ``u_kernel, u_weight``."""
+    with accumulator([kernel, weight], [u_kernel, u_weight]) as acc:
+        with tf.GradientTape() as tape:
+            tape.watch(weight)
+            h = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+            h = tf.nn.depthwise_conv2d(h, weight, [1, 1, 1, 1], "SAME")
+            mean, variance = tf.nn.moments(h, [0, 1, 2])
+            h = (h - mean) * tf.math.rsqrt(variance + 1e-3)
+            a, b = tf.split(tf.nn.max_pool2d(h, 3, 1, "SAME"), 2, axis=-1)
+            h = gradients.concatenate([tf.tanh(a), b * b])
+            loss = tf.reduce_sum(tf.reshape(h, [-1]) ** 2)
+        grad = tape.gradient(loss, weight)
+    return grad, acc.jvp(grad)
+
+
+def _tensorflows_accumulator(primals, tangents):
+    return tf.autodiff.ForwardAccumulator(primals, tangents)
+
+
+def test_forward_accumulator_is_tensorflows_when_traced(monkeypatch):
+    """The same gradients and JVPs as ``tf.autodiff.ForwardAccumulator`` (traced twice
+    into one function, so the second call finds every per-op function cached), and an
+    error inside the context leaves TensorFlow's lookup in place for the next one."""
+    rng = np.random.default_rng(4)
+
+    def constant(*shape):
+        return tf.constant(rng.normal(size=shape), tf.float32)
+
+    x, kernel, weight = constant(2, 6, 6, 3), constant(3, 3, 3, 4), constant(3, 3, 4, 1)
+    u_kernel, u_weight = constant(3, 3, 3, 4), constant(3, 3, 4, 1)
+    arguments = (x, kernel, weight, u_kernel, u_weight)
+
+    @tf.function(autograph=False)
+    def ours_twice(*arguments):
+        first = _network_hvp(gradients.forward_accumulator, *arguments)
+        return first, _network_hvp(gradients.forward_accumulator, *arguments)
+
+    reference = tf.function(_network_hvp, autograph=False)(_tensorflows_accumulator, *arguments)
+    assert np.abs(reference[1].numpy()).max() > 0
+    for ours in ours_twice(*arguments):
+        for a, b in zip(ours, reference):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+    @tf.function(autograph=False)
+    def failing():
+        with gradients.forward_accumulator([kernel], [u_kernel]):
+            raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        failing()
+    ours_called = []
+    helper = gradients._jvp_helper
+    monkeypatch.setattr(gradients, "_jvp_helper", lambda *a: ours_called.append(a) or helper(*a))
+    again = tf.function(_network_hvp, autograph=False)(_tensorflows_accumulator, *arguments)
+    np.testing.assert_allclose(again[1].numpy(), reference[1].numpy(), rtol=1e-6)
+    assert not ours_called  # TensorFlow's own lookup again
+
+
+def test_forward_accumulator_finds_each_ops_function_once(monkeypatch):
+    """Traced, a per-op JVP function is traced once per op signature and then reused."""
+    traced = []
+    helper = gradients._jvp_helper
+    monkeypatch.setattr(gradients, "_jvp_helper", lambda *a: traced.append(a[0]) or helper(*a))
+    x, u = tf.ones([4, 5]), tf.fill([4, 5], 0.5)
+
+    @tf.function(autograph=False)
+    def jvp():
+        with gradients.forward_accumulator([x], [u]) as acc:
+            y = x
+            for _ in range(6):  # six ops of one signature, each way
+                y = tf.sin(y)
+        return acc.jvp(y)
+
+    expected = u
+    y = x
+    for _ in range(6):
+        expected, y = expected * tf.cos(y), tf.sin(y)
+    np.testing.assert_allclose(jvp().numpy(), expected.numpy(), rtol=1e-6)
+    assert traced == ["Sin"]

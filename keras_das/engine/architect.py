@@ -20,9 +20,9 @@ replicas.
   ``dL_val(w', a)/da + d/da (dL_train/dw . u)`` with ``u = (dw'/dg)^T v`` (``-xi * v`` for
   plain SGD), ``v = dL_val(w', a)/dw'``, the Hessian-vector product by central finite
   differences at ``w +- eps * u``, ``eps = 0.01 / ||u||``.
-- ``exact``: the same formula with ``d/da (dL_train/dw . u)`` differentiated exactly by
-  nested tapes: ``dL_val(w'(a), a)/da`` through the virtual step, the ground truth the
-  finite-difference estimate approaches.
+- ``exact``: the same formula with ``d/da (dL_train/dw . u)`` differentiated exactly
+  (forward mode over the training gradient): ``dL_val(w'(a), a)/da`` through the
+  virtual step, the ground truth the finite-difference estimate approaches.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from keras_das.engine.updates import num_replicas
 from keras_das.engine.virtual_step import next_packed
 from keras_das.engine.virtual_step import next_weights
 from keras_das.engine.virtual_step import step_vector_product
-from keras_das.space import fused_batch_norm
+from keras_das.space import gradients
 from keras_das.space import primitives
 
 ARCHITECTS = ("first_order", "second_order", "exact")
@@ -301,45 +301,71 @@ class Architect:
         return grads, t["val_loss"], t["val_pred"]
 
     def exact(self, train_batch, val_batch, values=None):
-        """``dL_val(w'(a), a)/da`` exactly: ``d_alpha + d/da (g_train . u)`` with the second
-        term differentiated by nested tapes instead of finite differences.
+        """``dL_val(w'(a), a)/da`` exactly: ``d_alpha + d/da (g_train . u)``, the second
+        term differentiated exactly instead of by finite differences.
+
+        That term is the mixed second derivative of the training loss applied to ``u``:
+        the derivative of ``dL_train/da`` as ``w`` moves along ``u``. It is taken forward
+        over reverse: the training pass and its gradient w.r.t. ``a`` under a forward
+        accumulator whose tangent is ``u``. Against differentiating ``g_train . u`` by a
+        second tape (reverse over reverse, which also differentiates the weights'
+        gradients), the D step measured 21% shorter and its peak memory 25% lower (see
+        benchmarks/README.md). With several replicas it is that second tape
+        (``_mixed_reverse``).
 
         The training pass is taken twice: once for ``w'`` (the validation pass follows),
-        then again under the nested tapes with the same noise (its scope reads the random
+        then again under the accumulator with the same noise (its scope reads the random
         states the first pass started from, and its own advances are discarded), so that
-        it is the same function of ``a``. Differentiating ``L_val(w'(a), a)`` in one nested
-        pass instead kept the validation pass's activations alive beside the training
-        pass's second-order ones: the peak memory is now the larger of the two, not their
-        sum.
+        it is the same function of ``a``, after the validation pass, whose activations
+        are then freed.
         """
         # The states' values now (copies, not the variables), for the nested pass.
         replay = [(s, tf.identity(s.value)) for s in self.random_states()]
-        values, weight, arch = split = self._split(values)
+        values, _, arch = split = self._split(values)
         t = self._virtual_pass(split, train_batch, val_batch)
         # After the validation pass (u comes from it): run beside it, the nested pass's
         # activations would add to its own.
         values = _after(t["u"], values)
-        w, alphas = [values[i] for i in weight], [values[i] for i in arch]
-        # Keras's moments stop a gradient that second derivatives need (see moments.py);
-        # the fused batch norms' second derivatives take fewer ops written out.
-        exact_moments = moments.exact_second_derivatives()
-        with exact_moments, fused_batch_norm.twice_differentiable(), tf.GradientTape() as outer:
-            outer.watch(alphas)
-            with tf.GradientTape() as inner, primitives.discarding_batch_norm_statistics():
-                inner.watch(w)
-                loss, _, _ = self._scoped_loss(values, *train_batch, False, [], replay)
-            # This replica's share of the training gradient; the products' derivatives are
-            # summed over replicas below, as the gradient is.
-            g_train = _dense(inner.gradient(loss, w))
-            # Packed as u is (over the weights the first training pass reached).
-            position = {i: k for k, i in enumerate(weight)}
-            g_train = t["layout"].pack(
-                _zeros_for_none([g_train[position[i]] for i in t["moved"]], t["moved"], values)
+        alphas = [values[i] for i in arch]
+        weights = [values[i] for i in t["moved"]]  # u is 0 for the others
+        u = t["layout"].unpack(t["u"])
+        # Keras's moments stop a gradient that second derivatives need (see moments.py).
+        with moments.exact_second_derivatives(), primitives.discarding_batch_norm_statistics():
+            mixed = (_mixed_reverse if num_replicas() > 1 else _mixed_forward)(
+                lambda: self._scoped_loss(values, *train_batch, False, [], replay)[0],
+                alphas,
+                weights,
+                u,
             )
-            product = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(g_train, t["u"])])
-        mixed = _zeros_for_none(all_reduce_sum(outer.gradient(product, alphas)), arch, values)
+        # This replica's share; summed over replicas, as gradients are.
+        mixed = _zeros_for_none(all_reduce_sum(mixed), arch, values)
         grads = [d + m for d, m in zip(t["d_alpha"], mixed)]
         return grads, t["val_loss"], t["val_pred"]
+
+
+def _mixed_forward(loss_fn, alphas, weights, u):
+    """``d/da (dL/dw . u)``: the derivative of ``dL/da`` as ``weights`` move along ``u``
+    (a forward accumulator over the gradient)."""
+    with gradients.forward_accumulator(weights, u) as accumulator:
+        with tf.GradientTape() as tape:
+            tape.watch(alphas)
+            loss = loss_fn()
+        d_alpha = tape.gradient(loss, alphas)
+    return [None if d is None else accumulator.jvp(d) for d in d_alpha]
+
+
+def _mixed_reverse(loss_fn, alphas, weights, u):
+    """``_mixed_forward``'s derivative by nested tapes (reverse over reverse), for several
+    replicas: a forward accumulator's tangents do not pass a traced all-reduce (the
+    synchronised batch norms'), whose derivative TensorFlow defines for tapes only."""
+    with tf.GradientTape() as outer:
+        outer.watch(alphas)
+        with tf.GradientTape() as inner:
+            inner.watch(weights)
+            loss = loss_fn()
+        g = _dense(inner.gradient(loss, weights))
+        product = tf.add_n([tf.reduce_sum(gi * ui) for gi, ui in zip(g, u) if gi is not None])
+    return outer.gradient(product, alphas)
 
 
 def _after(tensors, values):

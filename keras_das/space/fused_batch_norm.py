@@ -11,19 +11,12 @@ five constants and a ``ZerosLike`` per call. The same kernels compute both on CP
 (timed alike); on GPUs the first version runs cuDNN without V3's reserve space (not
 measured here).
 
-Second derivatives: TensorFlow differentiates the kernel's gradient op
-(``FusedBatchNormGrad``) by re-deriving the gradient in some twenty ops under a nested
-tape and differentiating those, about a fifth of the tracing time of the exact
-architect's step. Within ``twice_differentiable()`` the training call's gradient is
-still the kernel's gradient op, but its own gradient is written out (``_normalize_grad``,
-mostly two more calls of that op): the same derivatives (to float32 rounding, see
-``tests/test_fused_cell.py``) in fewer ops.
+Second derivatives (the exact architect's, forward over reverse): TensorFlow's gradient of
+the kernel's gradient op (``FusedBatchNormGrad``), which re-derives the gradient in some
+twenty ops; exact, see ``tests/test_fused_cell.py``.
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
 
 import keras
 import numpy as np
@@ -31,7 +24,6 @@ import tensorflow as tf  # the fused kernel, which keras.ops lacks
 from keras import layers
 from keras import ops
 
-from keras_das.space import gradients
 from keras_das.space import primitives
 
 
@@ -75,8 +67,6 @@ class FusedBatchNorm(layers.BatchNormalization):
 
     def _fused_training_call(self, inputs, scale):
         if primitives.batch_norm_statistics_discarded():
-            if twice_differentiated():
-                return normalize(inputs, tf.convert_to_tensor(scale), self.epsilon)
             return _kernel(inputs, scale, self.epsilon)[0]
         # The kernel updates the moving statistics itself (its exponential average), in the
         # op: some ten fewer graph ops per call than the update written out, a tenth of a
@@ -97,30 +87,6 @@ class FusedBatchNorm(layers.BatchNormalization):
             variance * ((n - 1.0) / n) + moving_variance * (self.momentum / n)
         )
         return outputs
-
-
-_twice = threading.local()
-
-
-@contextlib.contextmanager
-def twice_differentiable():
-    """Within this context (on this thread), ``FusedBatchNorm``'s training calls whose
-    statistics are discarded run ``normalize``: the same outputs, with second derivatives
-    in fewer graph ops. For the exact architect's nested pass."""
-    previous = twice_differentiated()
-    _twice.on = True
-    try:
-        yield
-    finally:
-        _twice.on = previous
-
-
-def twice_differentiated() -> bool:
-    """Whether inside ``twice_differentiable()`` (on this thread)."""
-    return getattr(_twice, "on", False)
-
-
-_AXES = (0, 1, 2)  # the reduction axes of channels-last [batch, h, w, channels]
 
 
 def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.0, training=True):
@@ -149,110 +115,12 @@ def _kernel(x, scale, epsilon, moving_mean=None, moving_variance=None, factor=1.
     )
 
 
-def _kernel_grad(dy, x, scale, reserves, epsilon):
-    """``(dx, dscale)`` of ``_kernel``'s outputs for ``dy``, by the kernel's gradient op as
-    TensorFlow's own gradient computes them: with ``xh = (x - mean) * r``, ``r = 1 /
-    sqrt(biased variance + epsilon)``, per channel over its ``N`` values,
-    ``dx = scale * r * (dy - mean(dy) - xh * mean(dy * xh))`` and ``dscale = sum(dy * xh)``."""
-    return tf.raw_ops.FusedBatchNormGrad(
-        y_backprop=dy,
-        x=x,
-        scale=scale,
-        reserve_space_1=reserves[0],
-        reserve_space_2=reserves[1],
-        epsilon=epsilon,
-        data_format="NHWC",
-        is_training=True,
-    )[:2]
-
-
 def _count(x):
     """The number of values per channel of channels-last ``x``, in its dtype: a Python
     number for static shapes (exact in float32, as the cast count)."""
     if None in tuple(x.shape):
         return tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], x.dtype)
     return float(np.prod(x.shape[:-1]))
-
-
-def normalize(x, scale, epsilon):
-    """Training-mode batch norm of ``[batch, h, w, channels]`` ``x`` (no offset) times
-    ``scale`` (``[channels]``), whose gradient is ``_normalize_grad``: the fused kernel
-    forward, its gradient op backward, and that op's own gradient written out."""
-
-    @gradients.custom_gradient
-    def forward(x, scale):
-        y, *statistics = _kernel(x, scale, epsilon)
-
-        def grad(dy):
-            return _normalize_grad(dy, x, scale, statistics, epsilon)
-
-        return y, grad
-
-    return forward(x, scale)
-
-
-def _normalize_grad(dy, x, scale, statistics, epsilon):
-    """``(dx, dscale)`` of ``normalize`` for the output gradient ``dy`` (the kernel's
-    gradient op), with the derivatives of that op written out.
-
-    ``statistics`` are the forward kernel's batch mean, unbiased variance and reserve
-    spaces: functions of ``x`` whose dependence the derivative w.r.t. ``x`` below includes.
-    With ``xh``, ``r`` and ``dx`` as in ``_kernel_grad``, ``dz = dy * scale`` and ``P(h) =
-    r (h - mean(h) - xh mean(h xh))`` (the kernel's gradient at unit scale), so that
-    ``dx = P(dz)``: differentiating ``<q, dx> + <p, dscale>`` (``q``, ``p`` the cotangents of
-    ``dx`` and ``dscale``), with ``b = mean(dz xh)`` and ``c = mean(q xh)``,
-
-    - ``d/d dz = P(q)``, so ``d/d dy = scale * P(q) + p xh`` and ``d/d scale = sum(dy P(q))``;
-    - through ``xh`` (``r`` held): ``G = -r b q - r c dz + p dy``; through ``r`` (``xh``
-      held): ``<q, dx> / r``. Back to ``x`` as batch norm's own backward does
-      (``dr/dx = -r^2 xh / N``): ``d/dx = P(G) - r mean(q dx) xh``.
-    """
-    mean, variance, *reserves = statistics
-    ones = np.ones((x.shape[-1],), x.dtype.as_numpy_dtype)
-
-    @gradients.custom_gradient
-    def backward(dy, x, scale):
-        dx, dscale = _kernel_grad(dy, x, scale, reserves, epsilon)
-
-        def grad(q, p):
-            # The exact architect differentiates dx only: the tape passes zeros for p,
-            # whose terms are left out rather than computed on whole feature maps.
-            if _known_zero(q):
-                q = tf.zeros_like(x)
-            # Per-channel factors first: every product with a whole feature map costs a
-            # pass over it.
-            n = _count(x)
-            r = tf.math.rsqrt(variance * ((n - 1.0) / n) + epsilon)
-            projected_q, sum_q_xh = _kernel_grad(q, x, ones, reserves, epsilon)
-            b, c = scale * dscale / n, sum_q_xh / n
-            centred = x - mean
-            g = (-r * b) * q - (r * c * scale) * dy
-            d_dy = projected_q * scale
-            if not _known_zero(p):
-                xh = centred * r
-                d_dy += xh * p
-                g += p * dy
-            d_x = _kernel_grad(g, x, ones, reserves, epsilon)[0]
-            d_x -= (tf.square(r) * tf.reduce_mean(q * dx, _AXES)) * centred  # r m xh
-            return d_dy, d_x, tf.reduce_sum(dy * projected_q, _AXES)
-
-        return (dx, dscale), grad
-
-    return backward(dy, x, scale)
-
-
-def _known_zero(t) -> bool:
-    """Whether ``t`` is ``None`` or zeros known when tracing (as a tape fills in for an
-    output nothing was differentiated through). Reads the op only: evaluating a tensor
-    statically walks the graph above it."""
-    if t is None:
-        return True
-    if tf.executing_eagerly():
-        return not np.any(t)
-    op = t.op.inputs[1].op if t.op.type == "Fill" else t.op
-    if op.type == "ZerosLike":
-        return True
-    return op.type == "Const" and not np.any(tf.get_static_value(op.outputs[0]))
 
 
 def batch_norm(name: str | None = None, dtype=None) -> FusedBatchNorm:
