@@ -93,14 +93,10 @@ def _network_hvp(accumulator, x, kernel, weight, u_kernel, u_weight):
     return grad, acc.jvp(grad)
 
 
-def _tensorflows_accumulator(primals, tangents):
-    return tf.autodiff.ForwardAccumulator(primals, tangents)
-
-
 def test_forward_accumulator_is_tensorflows_when_traced(monkeypatch):
-    """The same gradients and JVPs as ``tf.autodiff.ForwardAccumulator`` (traced twice
-    into one function, so the second call finds every per-op function cached), and an
-    error inside the context leaves TensorFlow's lookup in place for the next one."""
+    """The same gradients and JVPs as ``tf.autodiff.ForwardAccumulator`` (two contexts
+    traced into one function, each with its own functions), and an error inside the
+    context leaves TensorFlow's lookup in place for the next one."""
     rng = np.random.default_rng(4)
 
     def constant(*shape):
@@ -115,7 +111,9 @@ def test_forward_accumulator_is_tensorflows_when_traced(monkeypatch):
         first = _network_hvp(gradients.forward_accumulator, *arguments)
         return first, _network_hvp(gradients.forward_accumulator, *arguments)
 
-    reference = tf.function(_network_hvp, autograph=False)(_tensorflows_accumulator, *arguments)
+    reference = tf.function(_network_hvp, autograph=False)(
+        tf.autodiff.ForwardAccumulator, *arguments
+    )
     assert np.abs(reference[1].numpy()).max() > 0
     for ours in ours_twice(*arguments):
         for a, b in zip(ours, reference):
@@ -131,7 +129,7 @@ def test_forward_accumulator_is_tensorflows_when_traced(monkeypatch):
     ours_called = []
     helper = gradients._jvp_helper
     monkeypatch.setattr(gradients, "_jvp_helper", lambda *a: ours_called.append(a) or helper(*a))
-    again = tf.function(_network_hvp, autograph=False)(_tensorflows_accumulator, *arguments)
+    again = tf.function(_network_hvp, autograph=False)(tf.autodiff.ForwardAccumulator, *arguments)
     np.testing.assert_allclose(again[1].numpy(), reference[1].numpy(), rtol=1e-6)
     assert not ours_called  # TensorFlow's own lookup again
 

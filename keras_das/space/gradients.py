@@ -101,16 +101,15 @@ def forward_accumulator(primals, tangents):
     ``_jvp_helper``). Eagerly, or where TensorFlow lacks those internals, it is the
     accumulator alone.
     """
-    if _register_jvp is None or tf.executing_eagerly():
-        with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-            yield accumulator
-        return
-    _register_jvp(_CachedJvps())
+    cached = _register_jvp is not None and not tf.executing_eagerly()
+    if cached:
+        _register_jvp(_CachedJvps())
     try:
         with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
             yield accumulator
     finally:
-        _register_jvp(_jvp_dispatch)
+        if cached:
+            _register_jvp(_jvp_dispatch)
 
 
 class _CachedJvps:
