@@ -155,3 +155,155 @@ def test_forward_accumulator_finds_each_ops_function_once(monkeypatch):
         expected, y = expected * tf.cos(y), tf.sin(y)
     np.testing.assert_allclose(jvp().numpy(), expected.numpy(), rtol=1e-6)
     assert traced == ["Sin"]
+
+
+def _raw(name, **attrs):
+    """A raw op of float arguments (integer ones bound in ``attrs``)."""
+    return lambda *floats, names: getattr(tf.raw_ops, name)(**dict(zip(names, floats)), **attrs)
+
+
+_POOL = dict(ksize=[1, 3, 3, 1], strides=[1, 1, 1, 1], padding="SAME")
+_CONV = dict(strides=[1, 2, 2, 1], padding="SAME", dilations=[1, 1, 1, 1])
+_DEPTHWISE = dict(strides=[1, 2, 2, 1], padding="SAME")
+
+# op type (and a variant) -> (the op of its float arguments, their shapes, which of them
+# have tangents). Every op with a written rule has a case here (checked below).
+_RULE_CASES = {
+    "Reshape": (lambda x: tf.reshape(x, [6, -1]), [(2, 3, 4, 5)], [0]),
+    "Squeeze": (lambda x: tf.squeeze(x, axis=2), [(2, 3, 1, 5)], [0]),
+    "ExpandDims": (lambda x: tf.expand_dims(x, 1), [(2, 3, 5)], [0]),
+    "Tile": (lambda x: tf.tile(x, [1, 2, 1, 3]), [(2, 3, 4, 5)], [0]),
+    "Pad": (lambda x: tf.pad(x, [[0, 0], [1, 2], [1, 0], [0, 0]]), [(2, 3, 4, 5)], [0]),
+    "Slice": (lambda x: tf.slice(x, [0, 1, 1, 0], [2, 2, 2, 3]), [(2, 3, 4, 5)], [0]),
+    "StridedSlice": (lambda x: x[:, 1::2, :-1, 1], [(2, 3, 4, 5)], [0]),
+    "SpaceToBatchND": (
+        lambda x: tf.space_to_batch(x, [2, 2], [[0, 0], [0, 0]]),
+        [(2, 4, 4, 3)],
+        [0],
+    ),
+    "BatchToSpaceND": (
+        lambda x: tf.batch_to_space(x, [2, 2], [[0, 0], [0, 0]]),
+        [(8, 2, 2, 3)],
+        [0],
+    ),
+    "Sum": (lambda x: tf.reduce_sum(x, [1, 2], keepdims=True), [(2, 3, 4, 5)], [0]),
+    "Mean": (lambda x: tf.reduce_mean(x, [0, 1, 2]), [(2, 3, 4, 5)], [0]),
+    "AvgPool": (lambda x: tf.nn.avg_pool2d(x, 3, 2, "SAME"), [(2, 5, 5, 3)], [0]),
+    "SplitV": (lambda x: tf.split(x, [1, 4], axis=-1), [(2, 3, 4, 5)], [0]),
+    "Split": (lambda x: tf.split(x, 2, axis=1), [(2, 4, 4, 5)], [0]),
+    "Transpose": (lambda x: tf.transpose(x, [0, 3, 1, 2]), [(2, 3, 4, 5)], [0]),
+    "Neg": (lambda x: -x, [(2, 3)], [0]),
+    "AvgPoolGrad": (
+        lambda g: tf.raw_ops.AvgPoolGrad(orig_input_shape=[2, 5, 5, 3], grad=g, **_POOL),
+        [(2, 5, 5, 3)],
+        [0],
+    ),
+    "AddV2": (lambda x, y: x + y, [(2, 3, 4), (2, 3, 4)], [0, 1]),
+    "AddV2 broadcast": (lambda x, b: x + b, [(2, 3, 4), (4,)], [1]),
+    "AddN": (lambda x, y, z: tf.add_n([x, y, z]), [(2, 3)] * 3, [0, 2]),
+    "AddN one": (lambda x, y: tf.add_n([x, y]), [(2, 3)] * 2, [1]),
+    "Pack": (lambda x, y: tf.stack([x, y], axis=1), [(2, 3), (2, 3)], [1]),
+    "ConcatV2": (lambda x, y: tf.concat([x, y], axis=-1), [(2, 3, 2), (2, 3, 4)], [0]),
+    "Sub": (lambda x, y: x - y, [(2, 3, 4), (2, 3, 4)], [0, 1]),
+    "Sub broadcast": (lambda x, b: x - b, [(2, 3, 4), (4,)], [1]),
+    "Sub first": (lambda x, b: x - b, [(2, 3, 4), (4,)], [0]),
+    "Mul": (lambda x, b: x * b, [(2, 3, 4), (4,)], [0, 1]),
+    "MatMul": (lambda a, b: tf.matmul(a, b, transpose_b=True), [(3, 4), (5, 4)], [0, 1]),
+    "BatchMatMulV2": (lambda a, b: tf.matmul(a, b), [(2, 3, 4), (2, 4, 5)], [0, 1]),
+    "Einsum": (lambda x, k: tf.einsum("nhwc,cd->nhwd", x, k), [(2, 3, 3, 4), (4, 6)], [0, 1]),
+    "Conv2D": (lambda x, k: tf.nn.conv2d(x, k, 2, "SAME"), [(2, 6, 6, 3), (3, 3, 3, 4)], [0, 1]),
+    "Conv2DBackpropInput": (
+        lambda k, g: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=[2, 6, 6, 3], filter=k, out_backprop=g, **_CONV
+        ),
+        [(3, 3, 3, 4), (2, 3, 3, 4)],
+        [0, 1],
+    ),
+    "Conv2DBackpropFilter": (
+        lambda x, g: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=[3, 3, 3, 4], out_backprop=g, **_CONV
+        ),
+        [(2, 6, 6, 3), (2, 3, 3, 4)],
+        [0, 1],
+    ),
+    "DepthwiseConv2dNative": (
+        lambda x, k: tf.raw_ops.DepthwiseConv2dNative(input=x, filter=k, **_DEPTHWISE),
+        [(2, 6, 6, 3), (3, 3, 3, 1)],
+        [0, 1],
+    ),
+    "DepthwiseConv2dNativeBackpropInput": (
+        lambda k, g: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+            input_sizes=[2, 6, 6, 3], filter=k, out_backprop=g, **_DEPTHWISE
+        ),
+        [(3, 3, 3, 1), (2, 3, 3, 3)],
+        [0, 1],
+    ),
+    "DepthwiseConv2dNativeBackpropFilter": (
+        lambda x, g: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+            input=x, filter_sizes=[3, 3, 3, 1], out_backprop=g, **_DEPTHWISE
+        ),
+        [(2, 6, 6, 3), (2, 3, 3, 3)],
+        [0, 1],
+    ),
+    "RealDiv": (lambda x, y: x / (y * y + 1.0), [(2, 3, 4), (4,)], [0, 1]),
+    "DivNoNan": (lambda x, y: tf.math.divide_no_nan(x, tf.nn.relu(y)), [(2, 3, 4), (4,)], [0, 1]),
+    "Relu": (tf.nn.relu, [(2, 3, 4)], [0]),
+    "ReluGrad": (
+        lambda g, x: tf.raw_ops.ReluGrad(gradients=g, features=x),
+        [(2, 3, 4), (2, 3, 4)],
+        [0, 1],
+    ),
+    "MaxPool": (lambda x: tf.nn.max_pool2d(x, 3, 1, "SAME"), [(2, 5, 5, 3)], [0]),
+    "MaxPoolGrad": (
+        lambda x, g: tf.raw_ops.MaxPoolGrad(
+            orig_input=x, orig_output=tf.nn.max_pool2d(x, 3, 1, "SAME"), grad=g, **_POOL
+        ),
+        [(2, 5, 5, 3), (2, 5, 5, 3)],
+        [0, 1],
+    ),
+    "Shape": (lambda x: tf.cast(tf.shape(x), tf.float32), [(2, 3)], [0]),
+    "ShapeN": (
+        lambda x, y: tf.cast(tf.concat(tf.shape_n([x, y]), 0), tf.float32),
+        [(2, 3), (4,)],
+        [0, 1],
+    ),
+}
+
+
+def test_every_written_jvp_rule_has_a_case():
+    from keras_das.space import jvp_rules
+
+    assert set(jvp_rules._RULES) == {name.split()[0] for name in _RULE_CASES}
+
+
+@pytest.mark.parametrize("case", sorted(_RULE_CASES))
+def test_written_jvp_rule_is_tensorflows(case, monkeypatch):
+    """Each op's written-out JVP (traced, TensorFlow's per-op function not called) equals
+    ``tf.autodiff.ForwardAccumulator``'s, the transpose of TensorFlow's gradient."""
+    op, shapes, watched = _RULE_CASES[case]
+    rng = np.random.default_rng(sum(map(ord, case)))
+    floats = [tf.constant(rng.normal(size=s), tf.float32) for s in shapes]
+    tangents = [tf.constant(rng.normal(size=shapes[i]), tf.float32) for i in watched]
+
+    def jvps(accumulator):  # (tf.function would unwrap a context manager argument)
+        @tf.function(autograph=False)
+        def traced(floats, tangents):
+            primals = [floats[i] for i in watched]
+            with accumulator(primals, tangents) as acc:
+                outputs = tf.nest.flatten(op(*floats))
+            return [acc.jvp(o, unconnected_gradients="zero") for o in outputs]
+
+        return traced(floats, tangents)
+
+    helper_calls = []
+    helper = gradients._jvp_helper
+    monkeypatch.setattr(
+        gradients, "_jvp_helper", lambda *a: helper_calls.append(a[0]) or helper(*a)
+    )
+    ours = jvps(gradients.forward_accumulator)
+    assert not helper_calls, f"{case}: TensorFlow's function was used for {helper_calls}"
+    reference = jvps(tf.autodiff.ForwardAccumulator)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    if case.split()[0] not in ("Shape", "ShapeN"):
+        assert max(np.abs(a.numpy()).max() for a in reference) > 0

@@ -2,8 +2,8 @@
 
 ``custom_gradient`` is ``tf.custom_gradient`` without its copies of the arguments (see
 its docstring); ``concatenate`` is a concatenation whose gradient is one split;
-``forward_accumulator`` is ``tf.autodiff.ForwardAccumulator`` with a faster lookup of
-its per-op derivative functions when tracing.
+``forward_accumulator`` is ``tf.autodiff.ForwardAccumulator`` with written-out per-op
+derivatives (``jvp_rules``) and a faster lookup of TensorFlow's when tracing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import functools
 
 import tensorflow as tf
 from keras import ops
+
+from keras_das.space import jvp_rules
 
 try:  # the tape's recording, which tf.custom_gradient itself calls (not a public API)
     from tensorflow.python.eager import record as _tape_record
@@ -89,17 +91,18 @@ def concatenate(tensors, axis=-1):
 
 @contextlib.contextmanager
 def forward_accumulator(primals, tangents):
-    """``tf.autodiff.ForwardAccumulator(primals, tangents)``, whose per-op derivatives are
-    looked up faster while a graph is traced.
+    """``tf.autodiff.ForwardAccumulator(primals, tangents)``, whose per-op derivatives
+    take less tracing and fewer graph nodes.
 
     For each op it watches, the accumulator calls a function TensorFlow traces per op
     type, attributes and input shapes (the op's gradient, transposed), found again through
     the generic ``tf.function`` cache: matching a call's signature against every function
     traced so far took a quarter of the tracing of the exact architect's step at size S
-    (3,058 lookups). Here, within this context and when tracing, the functions are kept in
-    a dictionary keyed by that signature; they are the same functions (TensorFlow's
-    ``_jvp_helper``). Eagerly, or where TensorFlow lacks those internals, it is the
-    accumulator alone.
+    (3,058 lookups). Here, within this context and when tracing, an op with a written-out
+    JVP (``jvp_rules``: the convolutions and their gradients, products, reshapes, pools,
+    ReLUs, ...) gets it in place, a few ops instead of a function call; the others get
+    TensorFlow's functions, kept in a dictionary keyed by that signature. Eagerly, or where
+    TensorFlow lacks those internals, it is the accumulator alone.
     """
     cached = _register_jvp is not None and not tf.executing_eagerly()
     if cached:
@@ -113,9 +116,10 @@ def forward_accumulator(primals, tangents):
 
 
 class _CachedJvps:
-    """TensorFlow's JVP dispatch (``forwardprop._jvp_dispatch``'s signature) with the
-    traced functions in a dictionary; calls it cannot key (batched tangents, non-tensor
-    arguments, attributes that do not hash) go to TensorFlow's."""
+    """TensorFlow's JVP dispatch (``forwardprop._jvp_dispatch``'s signature): the written
+    rule where there is one, else TensorFlow's traced function from a dictionary; calls
+    it cannot key (batched tangents, non-tensor arguments, attributes that do not hash)
+    go to TensorFlow's."""
 
     def __init__(self):
         self._functions = {}
@@ -124,6 +128,10 @@ class _CachedJvps:
         arguments = (op_name, attr_tuple, inputs, outputs, tangents, use_batch)
         if use_batch or not all(isinstance(t, tf.Tensor) for t in (*inputs, *outputs)):
             return _jvp_dispatch(*arguments)
+        if outputs:
+            written = jvp_rules.jvp(outputs[0].op, inputs, tangents)
+            if written is not None:
+                return written
         given = [i for i, t in enumerate(tangents) if t is not None]
         key = (
             op_name,
