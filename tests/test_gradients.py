@@ -157,9 +157,19 @@ def test_forward_accumulator_finds_each_ops_function_once(monkeypatch):
     assert traced == ["Sin"]
 
 
-def _raw(name, **attrs):
-    """A raw op of float arguments (integer ones bound in ``attrs``)."""
-    return lambda *floats, names: getattr(tf.raw_ops, name)(**dict(zip(names, floats)), **attrs)
+def _batch_norm(x, scale):
+    """The fused batch norm's kernel in training mode (``fused_batch_norm._kernel``'s)."""
+    empty = tf.zeros([0])
+    return tf.raw_ops.FusedBatchNorm(
+        x=x, scale=scale, offset=tf.zeros(scale.shape), mean=empty, variance=empty, is_training=True
+    )
+
+
+def _batch_norm_grad(g, x, scale):
+    _, _, _, mean, variance = _batch_norm(x, scale)
+    return tf.raw_ops.FusedBatchNormGrad(
+        y_backprop=g, x=x, scale=scale, reserve_space_1=mean, reserve_space_2=variance
+    )
 
 
 _POOL = dict(ksize=[1, 3, 3, 1], strides=[1, 1, 1, 1], padding="SAME")
@@ -261,6 +271,23 @@ _RULE_CASES = {
         [(2, 5, 5, 3), (2, 5, 5, 3)],
         [0, 1],
     ),
+    "FusedBatchNorm": (lambda x, s: _batch_norm(x, s), [(2, 4, 4, 3), (3,)], [0, 1]),
+    "FusedBatchNorm input": (lambda x, s: _batch_norm(x, s)[0], [(2, 4, 4, 3), (3,)], [0]),
+    "FusedBatchNormGrad": (
+        lambda g, x, s: _batch_norm_grad(g, x, s),
+        [(2, 4, 4, 3), (2, 4, 4, 3), (3,)],
+        [0, 1, 2],
+    ),
+    "FusedBatchNormGrad input": (
+        lambda g, x, s: _batch_norm_grad(g, x, s),
+        [(2, 4, 4, 3), (2, 4, 4, 3), (3,)],
+        [1],
+    ),
+    "FusedBatchNormGrad scale": (
+        lambda g, x, s: _batch_norm_grad(g, x, s),
+        [(2, 4, 4, 3), (2, 4, 4, 3), (3,)],
+        [2],
+    ),
     "Shape": (lambda x: tf.cast(tf.shape(x), tf.float32), [(2, 3)], [0]),
     "ShapeN": (
         lambda x, y: tf.cast(tf.concat(tf.shape_n([x, y]), 0), tf.float32),
@@ -273,7 +300,8 @@ _RULE_CASES = {
 def test_every_written_jvp_rule_has_a_case():
     from keras_das.space import jvp_rules
 
-    assert set(jvp_rules._RULES) == {name.split()[0] for name in _RULE_CASES}
+    rules = {*jvp_rules._RULES, *jvp_rules._RULES_IN_FUNCTIONS}
+    assert rules == {name.split()[0] for name in _RULE_CASES}
 
 
 @pytest.mark.parametrize("case", sorted(_RULE_CASES))
@@ -306,4 +334,4 @@ def test_written_jvp_rule_is_tensorflows(case, monkeypatch):
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     if case.split()[0] not in ("Shape", "ShapeN"):
-        assert max(np.abs(a.numpy()).max() for a in reference) > 0
+        assert max(np.abs(a.numpy()).max(initial=0.0) for a in reference) > 0

@@ -117,9 +117,10 @@ def forward_accumulator(primals, tangents):
 
 class _CachedJvps:
     """TensorFlow's JVP dispatch (``forwardprop._jvp_dispatch``'s signature): the written
-    rule where there is one, else TensorFlow's traced function from a dictionary; calls
-    it cannot key (batched tangents, non-tensor arguments, attributes that do not hash)
-    go to TensorFlow's."""
+    rule where there is one, in place or (the batch norm's, some fifty ops) as a function
+    traced once per op signature; else TensorFlow's traced function. The functions are
+    kept in a dictionary; calls it cannot key (batched tangents, non-tensor arguments,
+    attributes that do not hash) go to TensorFlow's."""
 
     def __init__(self):
         self._functions = {}
@@ -128,12 +129,22 @@ class _CachedJvps:
         arguments = (op_name, attr_tuple, inputs, outputs, tangents, use_batch)
         if use_batch or not all(isinstance(t, tf.Tensor) for t in (*inputs, *outputs)):
             return _jvp_dispatch(*arguments)
+        helper = _jvp_helper
         if outputs:
-            written = jvp_rules.jvp(outputs[0].op, inputs, tangents)
+            op = outputs[0].op
+            written = jvp_rules.jvp(op, inputs, tangents)
             if written is not None:
                 return written
+            in_function = jvp_rules.rule_for_function(op, tangents)
+            if in_function is not None:  # a larger rule: traced once per signature
+                rule, tangents = in_function
+
+                def helper(op_name, attr_tuple, inputs, outputs, tangents):
+                    return rule(op, inputs, tangents)
+
         given = [i for i, t in enumerate(tangents) if t is not None]
         key = (
+            helper is _jvp_helper,
             op_name,
             _hashable(attr_tuple),
             tuple(_signature(t) for t in inputs),
@@ -153,7 +164,7 @@ class _CachedJvps:
                 for i, t in zip(given, flat[n_in + n_out :]):
                     spread[i] = t
                 ins, outs = list(flat[:n_in]), list(flat[n_in : n_in + n_out])
-                return _jvp_helper(op_name, attr_tuple, ins, outs, spread)
+                return helper(op_name, attr_tuple, ins, outs, spread)
 
             specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat]
             function = tf.function(jvp, autograph=False).get_concrete_function(*specs)

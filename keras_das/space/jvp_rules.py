@@ -16,13 +16,52 @@ or with a tangent on an input a rule holds constant, keep TensorFlow's function.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 
 def jvp(op: tf.Operation, inputs, tangents):
-    """The tangents of ``op``'s outputs, or ``None`` where no rule here applies."""
+    """The tangents of ``op``'s outputs, written in place, or ``None`` where no rule here
+    applies in place.
+
+    The accumulator hands zeros (a constant or a fill) for the inputs that have no
+    tangent; the rules get ``None`` there and leave those terms out."""
     rule = _RULES.get(op.type)
-    return None if rule is None else rule(op, list(inputs), list(tangents))
+    if rule is None:
+        return None
+    return rule(op, list(inputs), _without_zeros(tangents))
+
+
+def rule_for_function(op: tf.Operation, tangents):
+    """``(rule, tangents)`` for an op whose rule is better traced once per op signature
+    and called (the batch norm's: some fifty ops, hundreds of calls, few signatures):
+    ``rule(op, inputs, tangents)`` reads only ``op``'s attributes; ``None`` where none
+    applies."""
+    applies_and_rule = _RULES_IN_FUNCTIONS.get(op.type)
+    if applies_and_rule is None:
+        return None
+    applies, rule = applies_and_rule
+    tangents = _without_zeros(tangents)
+    return (rule, tangents) if applies(op, tangents) else None
+
+
+def _without_zeros(tangents):
+    return [None if _zeros(t) else t for t in tangents]
+
+
+def _zeros(t) -> bool:
+    """Whether ``t`` is, by its construction, all zeros."""
+    if t is None:
+        return True
+    op = t.op
+    if op.type in ("ZerosLike", "Fill"):
+        if op.type == "ZerosLike":
+            return True
+        op = op.inputs[1].op
+    if op.type != "Const":
+        return False
+    value = tf.get_static_value(op.outputs[0])
+    return value is not None and not np.any(value)
 
 
 def again(op: tf.Operation, inputs) -> list:
@@ -68,9 +107,7 @@ def _multilinear(positions):
                 args = list(inputs)
                 args[i] = tangents[i]
                 terms.append(again(op, args)[0])
-        if not terms:
-            return [None]
-        return [terms[0] if len(terms) == 1 else tf.add_n(terms)]
+        return [_sum(terms)]
 
     return rule
 
@@ -85,8 +122,7 @@ def _to_output_shape(op, t):
 
 
 def _add_n(op, inputs, tangents):
-    given = [t for t in tangents if t is not None]
-    return [given[0] if len(given) == 1 else tf.add_n(given)]
+    return [_sum(tangents)]
 
 
 def _concat(op, inputs, tangents):
@@ -144,6 +180,95 @@ def _max_pool_grad(op, inputs, tangents):
     return again(op, [inputs[0], inputs[1], tangents[2]])
 
 
+def _normalized(op, x):
+    """The statistics of a training-mode batch norm of channels-last ``x``, computed
+    again (as TensorFlow's second derivative does: its reserve spaces hold the variance on
+    CPUs and its inverse square root under cuDNN): ``x`` normalised and ``1 / std``."""
+    mean = tf.reduce_mean(x, _AXES)
+    centred = x - mean
+    inv = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), _AXES) + op.get_attr("epsilon"))
+    return centred * inv, inv
+
+
+def _normalized_tangent(x_hat, inv, dx):
+    """The tangent of ``x_hat`` (statistics included) along ``dx``, and the variance's
+    share ``k = mean(x_hat dx)``: ``d inv = -inv^2 k``."""
+    k = tf.reduce_mean(x_hat * dx, _AXES)
+    return inv * (dx - tf.reduce_mean(dx, _AXES) - x_hat * k), k
+
+
+def _fused_batch_norm_grad_applies(op, tangents):
+    return _training_nhwc(op, tangents, (3, 4)) and op.inputs[1].shape.is_fully_defined()
+
+
+def _training_nhwc(op, tangents, constant):
+    """Whether a batch-norm rule applies: training mode, channels last, and no tangent on
+    the inputs at ``constant`` (the offset and statistics, or the reserve spaces, whose
+    derivatives TensorFlow's gradients leave out)."""
+    return (
+        op.get_attr("is_training")
+        and op.get_attr("data_format") in (b"NHWC", "NHWC")
+        and not any(tangents[i] is not None for i in constant)
+    )
+
+
+def _fused_batch_norm_applies(op, tangents):
+    return _training_nhwc(op, tangents, (2, 3, 4))
+
+
+def _fused_batch_norm(op, inputs, tangents):
+    """``y = s x_hat``: ``dy = s d(x_hat) + ds x_hat``. The mean, variance and reserve
+    outputs get none (TensorFlow's gradient reads only ``y``'s cotangent)."""
+    (x, s), (dx, ds) = inputs[:2], tangents[:2]
+    x_hat, inv = _normalized(op, x)
+    dy = _sum(
+        [
+            None if dx is None else s * _normalized_tangent(x_hat, inv, dx)[0],
+            None if ds is None else ds * x_hat,
+        ]
+    )
+    return [dy] + [None] * (len(op.outputs) - 1)
+
+
+def _fused_batch_norm_grad(op, inputs, tangents):
+    """The kernel's gradient, ``gx = s inv r`` with ``r = g - mean(g) - x_hat m`` and
+    ``m = mean(g x_hat)``, ``gs = n m``, ``go = sum(g)``, differentiated along
+    ``dg, dx, ds``: ``d gx = s inv dr + (ds inv + s d inv) r``."""
+    (g, x, s), (dg, dx, ds) = inputs[:3], tangents[:3]
+    n = float(np.prod(x.shape[:-1]))
+    x_hat, inv = _normalized(op, x)
+    m = tf.reduce_mean(g * x_hat, _AXES)
+    dr, dm, d_inv = [], [], None
+    if dg is not None:
+        dr.append(dg - tf.reduce_mean(dg, _AXES))
+        dm.append(tf.reduce_mean(dg * x_hat, _AXES))
+    if dx is not None:
+        dx_hat, k = _normalized_tangent(x_hat, inv, dx)
+        dr.append(-dx_hat * m)
+        dm.append(tf.reduce_mean(g * dx_hat, _AXES))
+        d_inv = -inv * inv * k
+    dm = _sum(dm)
+    d_factor = _sum([None if ds is None else ds * inv, None if d_inv is None else s * d_inv])
+    d_gx = _sum(
+        [
+            None if dm is None else s * inv * tf.add_n([*dr, -x_hat * dm]),
+            None if d_factor is None else d_factor * (g - tf.reduce_mean(g, _AXES) - x_hat * m),
+        ]
+    )
+    d_gs = None if dm is None else n * dm
+    d_go = None if dg is None else tf.reduce_sum(dg, _AXES)
+    return [d_gx, d_gs, d_go] + [None] * (len(op.outputs) - 3)
+
+
+def _sum(terms):
+    """The sum of the terms that are not ``None`` (``None`` if none is)."""
+    terms = [t for t in terms if t is not None]
+    return None if not terms else terms[0] if len(terms) == 1 else tf.add_n(terms)
+
+
+_AXES = (0, 1, 2)
+
+
 def _no_float_outputs(op, inputs, tangents):
     return [None] * len(op.outputs)
 
@@ -196,4 +321,8 @@ _RULES = {
     "MaxPoolGrad": _max_pool_grad,
     "Shape": _no_float_outputs,
     "ShapeN": _no_float_outputs,
+}
+_RULES_IN_FUNCTIONS = {
+    "FusedBatchNorm": (_fused_batch_norm_applies, _fused_batch_norm),
+    "FusedBatchNormGrad": (_fused_batch_norm_grad_applies, _fused_batch_norm_grad),
 }
