@@ -550,9 +550,10 @@ def _forward_over_reverse(f, x, scale, vector, scale_vector):
 @pytest.mark.parametrize("scale_term", [True, False])
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 def test_fused_batch_norm_second_derivatives(mode, scale_term, traced):
-    """The fused batch norm differentiated twice (TensorFlow's gradient of the kernel's
-    gradient op), reverse over reverse and forward over reverse (the exact architect's
-    way), against plain float64 ops, eagerly and in a traced function; without
+    """The fused batch norm differentiated twice, reverse over reverse (TensorFlow's
+    gradient of the kernel's gradient op) and forward over reverse (the exact architect's
+    way: traced, the JVPs written out in ``jvp_rules``), against plain float64 ops,
+    eagerly and in a traced function; without
     ``scale_term`` the product leaves out the gradient w.r.t. the scale, as the exact
     architect's does."""
     rng = np.random.default_rng(3)

@@ -309,9 +309,10 @@ class Architect:
         over reverse: the training pass and its gradient w.r.t. ``a`` under a forward
         accumulator whose tangent is ``u``. Against differentiating ``g_train . u`` by a
         second tape (reverse over reverse, which also differentiates the weights'
-        gradients), the D exact step measured 19% shorter and its peak memory 21% lower,
-        its first step 12 s longer (see benchmarks/README.md). With several replicas it
-        is that second tape (``_mixed_reverse``).
+        gradients), the D exact step measured 19% shorter and its peak memory 21% lower;
+        the ops' forward derivatives are written out (``jvp_rules``), which took its first
+        step from 119-123 to 90 s (see benchmarks/README.md). With several replicas it is
+        that second tape (``_mixed_reverse``).
 
         The training pass is taken twice: once for ``w'`` (the validation pass follows),
         then again under the accumulator with the same noise (its scope reads the random

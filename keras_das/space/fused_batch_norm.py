@@ -11,9 +11,11 @@ five constants and a ``ZerosLike`` per call. The same kernels compute both on CP
 (timed alike); on GPUs the first version runs cuDNN without V3's reserve space (not
 measured here).
 
-Second derivatives (the exact architect's, forward over reverse): TensorFlow's gradient of
-the kernel's gradient op (``FusedBatchNormGrad``), which re-derives the gradient in some
-twenty ops; exact, see ``tests/test_fused_cell.py``.
+Second derivatives: by tapes, TensorFlow's gradient of the kernel's gradient op
+(``FusedBatchNormGrad``), which re-derives the gradient in some twenty ops; forward over
+reverse (the exact architect's), the JVPs of both ops written out in
+``keras_das.space.jvp_rules``. Both exact, see ``tests/test_fused_cell.py`` and
+``tests/test_gradients.py``.
 """
 
 from __future__ import annotations
