@@ -335,3 +335,26 @@ def test_written_jvp_rule_is_tensorflows(case, monkeypatch):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     if case.split()[0] not in ("Shape", "ShapeN"):
         assert max(np.abs(a.numpy()).max(initial=0.0) for a in reference) > 0
+
+
+def test_written_jvp_rules_leave_out_zero_tangents():
+    """Tangents that are zeros by construction (the accumulator's for inputs without one,
+    or a caller's ``tf.zeros``) add no terms, and all-zero ones give zero JVPs."""
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(2, 5, 5, 3)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(3, 3, 3, 4)), tf.float32)
+
+    @tf.function(autograph=False)
+    def jvps(u):
+        with gradients.forward_accumulator([x, kernel], [tf.zeros_like(x), u]) as acc:
+            y = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+            z = tf.nn.relu(x)  # only a zero tangent reaches it
+        return acc.jvp(y), acc.jvp(z, unconnected_gradients="zero"), y
+
+    u = tf.constant(rng.normal(size=(3, 3, 3, 4)), tf.float32)
+    dy, dz, y = jvps(u)
+    expected = tf.nn.conv2d(x, u, 1, "SAME") * tf.cast(y > 0, tf.float32)
+    np.testing.assert_allclose(dy.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(dz.numpy(), np.zeros_like(dz.numpy()))
+    graph = jvps.get_concrete_function(u).graph
+    assert [op.type for op in graph.get_operations()].count("Conv2D") == 2  # y, and u's term

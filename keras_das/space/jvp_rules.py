@@ -25,11 +25,15 @@ def jvp(op: tf.Operation, inputs, tangents):
     applies in place.
 
     The accumulator hands zeros (a constant or a fill) for the inputs that have no
-    tangent; the rules get ``None`` there and leave those terms out."""
+    tangent; the rules get ``None`` there and leave those terms out, and an op whose
+    tangents are all zeros gets none."""
     rule = _RULES.get(op.type)
-    if rule is None:
+    if rule is None and op.type not in _RULES_IN_FUNCTIONS:
         return None
-    return rule(op, list(inputs), _without_zeros(tangents))
+    tangents = _without_zeros(tangents)
+    if all(t is None for t in tangents):
+        return [None] * len(op.outputs)
+    return None if rule is None else rule(op, list(inputs), tangents)
 
 
 def rule_for_function(op: tf.Operation, tangents):
