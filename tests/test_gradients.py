@@ -358,3 +358,45 @@ def test_written_jvp_rules_leave_out_zero_tangents():
     np.testing.assert_array_equal(dz.numpy(), np.zeros_like(dz.numpy()))
     graph = jvps.get_concrete_function(u).graph
     assert [op.type for op in graph.get_operations()].count("Conv2D") == 2  # y, and u's term
+
+
+def test_written_jvps_are_differentiated_by_an_outer_tape():
+    """Reverse over forward: a tape outside the accumulator differentiates the JVP with
+    respect to the tangent and the primal, as it does TensorFlow's accumulator's."""
+    rng = np.random.default_rng(6)
+
+    def constant(*shape):
+        return tf.constant(rng.normal(size=shape), tf.float32)
+
+    x, kernel, depthwise, scale = (
+        constant(2, 6, 6, 3),
+        constant(3, 3, 3, 4),
+        constant(3, 3, 4, 1),
+        constant(4),
+    )
+    u, v = constant(3, 3, 3, 4), constant(3, 3, 4, 1)
+
+    def reverse_over_forward(accumulator):
+        @tf.function(autograph=False)
+        def traced(u, v):
+            with tf.GradientTape() as outer:
+                outer.watch([u, v, kernel])
+                with accumulator([kernel, depthwise], [u, v]) as acc:
+                    h = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+                    h = tf.nn.depthwise_conv2d(h, depthwise, [1, 1, 1, 1], "SAME")
+                    h = _batch_norm(h, scale)[0]
+                    h = tf.nn.max_pool2d(tf.reshape(h, [2, 6, 6, 4]), 3, 1, "SAME")
+                    loss = tf.reduce_sum(tf.sin(h))
+                jvp = acc.jvp(loss)
+            return jvp, outer.gradient(jvp, [u, v, kernel])
+
+        return traced(u, v)
+
+    ours, reference = (
+        reverse_over_forward(a)
+        for a in (gradients.forward_accumulator, tf.autodiff.ForwardAccumulator)
+    )
+    np.testing.assert_allclose(ours[0].numpy(), reference[0].numpy(), rtol=1e-5)
+    for a, b in zip(ours[1], reference[1]):
+        assert a is not None
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)

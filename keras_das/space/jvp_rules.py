@@ -19,6 +19,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+try:  # what every generated op wrapper calls: records an op on the active tapes
+    from tensorflow.python.eager.execute import record_gradient as _record_gradient
+except ImportError:  # pragma: no cover - another TensorFlow layout: TensorFlow's JVPs
+    _record_gradient = None
+
 
 def jvp(op: tf.Operation, inputs, tangents):
     """The tangents of ``op``'s outputs, written in place, or ``None`` where no rule here
@@ -28,7 +33,7 @@ def jvp(op: tf.Operation, inputs, tangents):
     tangent; the rules get ``None`` there and leave those terms out, and an op whose
     tangents are all zeros gets none."""
     rule = _RULES.get(op.type)
-    if rule is None and op.type not in _RULES_IN_FUNCTIONS:
+    if _record_gradient is None or (rule is None and op.type not in _RULES_IN_FUNCTIONS):
         return None
     tangents = _without_zeros(tangents)
     if all(t is None for t in tangents):
@@ -69,10 +74,15 @@ def _zeros(t) -> bool:
 
 
 def again(op: tf.Operation, inputs) -> list:
-    """``op`` again, the same node with its attributes, on other (flat) ``inputs``."""
+    """``op`` again, the same node with its attributes, on other (flat) ``inputs``;
+    recorded as a generated op wrapper records it, so that a tape outside the accumulator
+    differentiates the JVP (reverse over forward), as it does TensorFlow's."""
+    inputs = list(inputs)
     node = op.graph.create_op(
-        op.type, list(inputs), [t.dtype for t in op.outputs], attrs=dict(op.node_def.attr)
+        op.type, inputs, [t.dtype for t in op.outputs], attrs=dict(op.node_def.attr)
     )
+    attrs = tuple(x for a in op.op_def.attr for x in (a.name, node.get_attr(a.name)))
+    _record_gradient(op.type, inputs, attrs, node.outputs)
     return list(node.outputs)
 
 
