@@ -9,9 +9,12 @@ half it does not use. For the exact architect at size S that was 800 traced func
 float inputs (a reshape, a pad, a sum), linear in each of them (a convolution, its two
 gradients, an einsum, a product), or route a cotangent the way their gradient does (the
 ReLU's and the max pool's); for these the JVP is the same op again on the tangents, a few
-ops written into the graph where the op is. Each rule gives what TensorFlow's transposed
-gradient gives (``tests/test_gradients.py`` compares them op by op); ops without a rule,
-or with a tangent on an input a rule holds constant, keep TensorFlow's function.
+ops written into the graph where the op is. The batch norm's (some fifty ops) is traced
+once per op signature and called. Each rule gives what TensorFlow's transposed gradient
+gives (``tests/test_gradients.py`` compares them op by op), and its ops are recorded on
+tapes as TensorFlow's are (a tape outside the accumulator differentiates the JVP); ops
+without a rule, or with a tangent on an input a rule holds constant, keep TensorFlow's
+function.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def _zeros(t) -> bool:
     return value is not None and not np.any(value)
 
 
-def again(op: tf.Operation, inputs) -> list:
+def _again(op: tf.Operation, inputs) -> list:
     """``op`` again, the same node with its attributes, on other (flat) ``inputs``;
     recorded as a generated op wrapper records it, so that a tape outside the accumulator
     differentiates the JVP (reverse over forward), as it does TensorFlow's."""
@@ -101,7 +104,7 @@ def _linear(positions=None):
         args = list(inputs)
         for i in where:
             args[i] = tf.zeros_like(inputs[i]) if tangents[i] is None else tangents[i]
-        return again(op, args)
+        return _again(op, args)
 
     return rule
 
@@ -120,7 +123,7 @@ def _multilinear(positions):
             if tangents[i] is not None:
                 args = list(inputs)
                 args[i] = tangents[i]
-                terms.append(again(op, args)[0])
+                terms.append(_again(op, args)[0])
         return [_sum(terms)]
 
     return rule
@@ -191,7 +194,18 @@ def _max_pool_grad(op, inputs, tangents):
     # Linear in the cotangent; TensorFlow's gradient for the two inputs is zero.
     if tangents[2] is None:
         return [None]
-    return again(op, [inputs[0], inputs[1], tangents[2]])
+    return _again(op, [inputs[0], inputs[1], tangents[2]])
+
+
+def _training_nhwc(op, tangents, constant):
+    """Whether a batch-norm rule applies: training mode, channels last, and no tangent on
+    the inputs at ``constant`` (the offset and statistics, or the reserve spaces, whose
+    derivatives TensorFlow's gradients leave out)."""
+    return (
+        op.get_attr("is_training")
+        and op.get_attr("data_format") in (b"NHWC", "NHWC")
+        and not any(tangents[i] is not None for i in constant)
+    )
 
 
 def _normalized(op, x):
@@ -211,21 +225,6 @@ def _normalized_tangent(x_hat, inv, dx):
     return inv * (dx - tf.reduce_mean(dx, _AXES) - x_hat * k), k
 
 
-def _fused_batch_norm_grad_applies(op, tangents):
-    return _training_nhwc(op, tangents, (3, 4)) and op.inputs[1].shape.is_fully_defined()
-
-
-def _training_nhwc(op, tangents, constant):
-    """Whether a batch-norm rule applies: training mode, channels last, and no tangent on
-    the inputs at ``constant`` (the offset and statistics, or the reserve spaces, whose
-    derivatives TensorFlow's gradients leave out)."""
-    return (
-        op.get_attr("is_training")
-        and op.get_attr("data_format") in (b"NHWC", "NHWC")
-        and not any(tangents[i] is not None for i in constant)
-    )
-
-
 def _fused_batch_norm_applies(op, tangents):
     return _training_nhwc(op, tangents, (2, 3, 4))
 
@@ -242,6 +241,10 @@ def _fused_batch_norm(op, inputs, tangents):
         ]
     )
     return [dy] + [None] * (len(op.outputs) - 1)
+
+
+def _fused_batch_norm_grad_applies(op, tangents):
+    return _training_nhwc(op, tangents, (3, 4)) and op.inputs[1].shape.is_fully_defined()
 
 
 def _fused_batch_norm_grad(op, inputs, tangents):
