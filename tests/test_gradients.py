@@ -176,6 +176,31 @@ _POOL = dict(ksize=[1, 3, 3, 1], strides=[1, 1, 1, 1], padding="SAME")
 _CONV = dict(strides=[1, 2, 2, 1], padding="SAME", dilations=[1, 1, 1, 1])
 _DEPTHWISE = dict(strides=[1, 2, 2, 1], padding="SAME")
 
+
+def _convolution_gradient_cases(op, filter_shape, gradient_shape, attrs):
+    """Rule cases for a convolution's input and filter gradient ops (of a [2, 6, 6, 3]
+    input)."""
+    input_shape = (2, 6, 6, 3)
+    input_gradient = getattr(tf.raw_ops, f"{op}BackpropInput")
+    filter_gradient = getattr(tf.raw_ops, f"{op}BackpropFilter")
+    return {
+        f"{op}BackpropInput": (
+            lambda k, g: input_gradient(
+                input_sizes=list(input_shape), filter=k, out_backprop=g, **attrs
+            ),
+            [filter_shape, gradient_shape],
+            [0, 1],
+        ),
+        f"{op}BackpropFilter": (
+            lambda x, g: filter_gradient(
+                input=x, filter_sizes=list(filter_shape), out_backprop=g, **attrs
+            ),
+            [input_shape, gradient_shape],
+            [0, 1],
+        ),
+    }
+
+
 # op type (and a variant) -> (the op of its float arguments, their shapes, which of them
 # have tangents). Every op with a written rule has a case here (checked below).
 _RULE_CASES = {
@@ -222,39 +247,13 @@ _RULE_CASES = {
     "BatchMatMulV2": (lambda a, b: tf.matmul(a, b), [(2, 3, 4), (2, 4, 5)], [0, 1]),
     "Einsum": (lambda x, k: tf.einsum("nhwc,cd->nhwd", x, k), [(2, 3, 3, 4), (4, 6)], [0, 1]),
     "Conv2D": (lambda x, k: tf.nn.conv2d(x, k, 2, "SAME"), [(2, 6, 6, 3), (3, 3, 3, 4)], [0, 1]),
-    "Conv2DBackpropInput": (
-        lambda k, g: tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=[2, 6, 6, 3], filter=k, out_backprop=g, **_CONV
-        ),
-        [(3, 3, 3, 4), (2, 3, 3, 4)],
-        [0, 1],
-    ),
-    "Conv2DBackpropFilter": (
-        lambda x, g: tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=[3, 3, 3, 4], out_backprop=g, **_CONV
-        ),
-        [(2, 6, 6, 3), (2, 3, 3, 4)],
-        [0, 1],
-    ),
+    **_convolution_gradient_cases("Conv2D", (3, 3, 3, 4), (2, 3, 3, 4), _CONV),
     "DepthwiseConv2dNative": (
         lambda x, k: tf.raw_ops.DepthwiseConv2dNative(input=x, filter=k, **_DEPTHWISE),
         [(2, 6, 6, 3), (3, 3, 3, 1)],
         [0, 1],
     ),
-    "DepthwiseConv2dNativeBackpropInput": (
-        lambda k, g: tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-            input_sizes=[2, 6, 6, 3], filter=k, out_backprop=g, **_DEPTHWISE
-        ),
-        [(3, 3, 3, 1), (2, 3, 3, 3)],
-        [0, 1],
-    ),
-    "DepthwiseConv2dNativeBackpropFilter": (
-        lambda x, g: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=x, filter_sizes=[3, 3, 3, 1], out_backprop=g, **_DEPTHWISE
-        ),
-        [(2, 6, 6, 3), (2, 3, 3, 3)],
-        [0, 1],
-    ),
+    **_convolution_gradient_cases("DepthwiseConv2dNative", (3, 3, 3, 1), (2, 3, 3, 3), _DEPTHWISE),
     "RealDiv": (lambda x, y: x / (y * y + 1.0), [(2, 3, 4), (4,)], [0, 1]),
     "DivNoNan": (lambda x, y: tf.math.divide_no_nan(x, tf.nn.relu(y)), [(2, 3, 4), (4,)], [0, 1]),
     "Relu": (tf.nn.relu, [(2, 3, 4)], [0]),

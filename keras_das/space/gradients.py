@@ -106,7 +106,7 @@ def forward_accumulator(primals, tangents):
     """
     cached = _register_jvp is not None and not tf.executing_eagerly()
     if cached:
-        _register_jvp(_CachedJvps())
+        _register_jvp(_Jvps())
     try:
         with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
             yield accumulator
@@ -115,7 +115,7 @@ def forward_accumulator(primals, tangents):
             _register_jvp(_jvp_dispatch)
 
 
-class _CachedJvps:
+class _Jvps:
     """TensorFlow's JVP dispatch (``forwardprop._jvp_dispatch``'s signature): the written
     rule where there is one, in place or (the batch norm's, some fifty ops) as a function
     traced once per op signature; else TensorFlow's traced function. The functions are
@@ -130,14 +130,16 @@ class _CachedJvps:
         if use_batch or not all(isinstance(t, tf.Tensor) for t in (*inputs, *outputs)):
             return _jvp_dispatch(*arguments)
         helper = _jvp_helper
-        if outputs:
-            op = outputs[0].op
-            written = jvp_rules.jvp(op, inputs, tangents)
-            if written is not None:
-                return written
-            in_function = jvp_rules.rule_for_function(op, tangents)
-            if in_function is not None:  # a larger rule: traced once per signature
-                rule, tangents = in_function
+        op = outputs[0].op if outputs else None
+        found = None if op is None else jvp_rules.find(op, tangents)
+        if found is not None:
+            rule, nonzero, traced = found
+            if not traced:
+                written = rule(op, list(inputs), nonzero)
+                if written is not None:
+                    return written
+            else:  # a larger rule: traced once per signature
+                tangents = nonzero
 
                 def helper(op_name, attr_tuple, inputs, outputs, tangents):
                     return rule(op, inputs, tangents)

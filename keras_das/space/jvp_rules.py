@@ -28,37 +28,26 @@ except ImportError:  # pragma: no cover - another TensorFlow layout: TensorFlow'
     _record_gradient = None
 
 
-def jvp(op: tf.Operation, inputs, tangents):
-    """The tangents of ``op``'s outputs, written in place, or ``None`` where no rule here
-    applies in place.
+def find(op: tf.Operation, tangents):
+    """``(rule, tangents, traced)`` for ``op``, or ``None`` where no rule is written:
+    ``rule(op, inputs, tangents)`` gives the outputs' tangents (``None`` where it does not
+    apply to these inputs); ``traced`` says it is better traced once per op signature and
+    called (the batch norm's: some fifty ops, hundreds of calls, few signatures; it reads
+    only ``op``'s attributes).
 
     The accumulator hands zeros (a constant or a fill) for the inputs that have no
-    tangent; the rules get ``None`` there and leave those terms out, and an op whose
+    tangent; the rule gets ``None`` there and leaves those terms out, and an op whose
     tangents are all zeros gets none."""
-    rule = _RULES.get(op.type)
-    if _record_gradient is None or (rule is None and op.type not in _RULES_IN_FUNCTIONS):
+    in_function = _RULES_IN_FUNCTIONS.get(op.type)
+    if _record_gradient is None or (op.type not in _RULES and in_function is None):
         return None
-    tangents = _without_zeros(tangents)
+    tangents = [None if _zeros(t) else t for t in tangents]
     if all(t is None for t in tangents):
-        return [None] * len(op.outputs)
-    return None if rule is None else rule(op, list(inputs), tangents)
-
-
-def rule_for_function(op: tf.Operation, tangents):
-    """``(rule, tangents)`` for an op whose rule is better traced once per op signature
-    and called (the batch norm's: some fifty ops, hundreds of calls, few signatures):
-    ``rule(op, inputs, tangents)`` reads only ``op``'s attributes; ``None`` where none
-    applies."""
-    applies_and_rule = _RULES_IN_FUNCTIONS.get(op.type)
-    if applies_and_rule is None:
-        return None
-    applies, rule = applies_and_rule
-    tangents = _without_zeros(tangents)
-    return (rule, tangents) if applies(op, tangents) else None
-
-
-def _without_zeros(tangents):
-    return [None if _zeros(t) else t for t in tangents]
+        return _no_tangents, tangents, False
+    if in_function is None:
+        return _RULES[op.type], tangents, False
+    applies, rule = in_function
+    return (rule, tangents, True) if applies(op, tangents) else None
 
 
 def _zeros(t) -> bool:
@@ -66,9 +55,9 @@ def _zeros(t) -> bool:
     if t is None:
         return True
     op = t.op
-    if op.type in ("ZerosLike", "Fill"):
-        if op.type == "ZerosLike":
-            return True
+    if op.type == "ZerosLike":
+        return True
+    if op.type == "Fill":
         op = op.inputs[1].op
     if op.type != "Const":
         return False
@@ -286,7 +275,7 @@ def _sum(terms):
 _AXES = (0, 1, 2)
 
 
-def _no_float_outputs(op, inputs, tangents):
+def _no_tangents(op, inputs, tangents):
     return [None] * len(op.outputs)
 
 
@@ -336,8 +325,8 @@ _RULES = {
     "ReluGrad": _relu_grad,
     "MaxPool": _max_pool,
     "MaxPoolGrad": _max_pool_grad,
-    "Shape": _no_float_outputs,
-    "ShapeN": _no_float_outputs,
+    "Shape": _no_tangents,
+    "ShapeN": _no_tangents,
 }
 _RULES_IN_FUNCTIONS = {
     "FusedBatchNorm": (_fused_batch_norm_applies, _fused_batch_norm),
